@@ -1,0 +1,210 @@
+"""The 3D U-Net of Çiçek et al. 2016 ("3D U-Net: Learning Dense Volumetric Segmentation from Sparse Annotation",
+arXiv:1606.06650), with the configurable layer order of the original pytorch-3dunet.
+
+Architecture, for ``f_maps=64, num_levels=4``::
+
+    level 0:  in ─► DoubleConv(in → 32 → 64) ─────────────────────────────► concat ─► DoubleConv(→ 64) ─► 1×1×1 conv ─► logits
+    level 1:        MaxPool ─► DoubleConv(64 → 128) ──────────────► concat ─► DoubleConv(→ 128) ─┘ up
+    level 2:              MaxPool ─► DoubleConv(128 → 256) ──► concat ─► DoubleConv(→ 256) ─┘ up
+    level 3:                    MaxPool ─► DoubleConv(256 → 512) ─┘ up
+
+As in the paper, the first convolution of each encoder level goes to half the level's channels (never fewer than
+its input), and each decoder level concatenates the upsampled deeper features with the skip connection.
+
+Any input size works: pooling uses ``ceil_mode`` (a level of odd size ``2k+1`` pools to ``k+1``), and upsampling
+targets the exact size of the skip connection (``ConvTranspose3d`` with ``output_size``, or ``interpolate`` with
+``size``). Nothing is padded or cropped, so the output has exactly the input's spatial size, and a size of ``n``
+along an axis needs no multiple of ``2**(num_levels - 1)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+LAYER_LETTERS = {
+    "c": "3D convolution",
+    "r": "ReLU",
+    "l": "LeakyReLU",
+    "e": "ELU",
+    "g": "GroupNorm",
+    "b": "BatchNorm3d",
+}
+UPSAMPLE_MODES = ("deconv", "interpolate")
+
+
+def parse_layer_order(layer_order: str) -> str:
+    """Validate a layer-order string such as ``"crg"`` (conv, ReLU, GroupNorm) and return it lower-cased.
+
+    Letters: ``c`` conv, ``r`` ReLU, ``l`` LeakyReLU, ``e`` ELU, ``g`` GroupNorm, ``b`` BatchNorm. Exactly one ``c``,
+    at most one activation and at most one normalisation, no letter twice.
+    """
+    valid = ", ".join(f"'{k}' {v}" for k, v in LAYER_LETTERS.items())
+    order = str(layer_order).lower()
+    unknown = sorted(set(order) - set(LAYER_LETTERS))
+    if unknown or not order:
+        raise ValueError(f"layer_order {layer_order!r} has unknown letters {unknown}; valid letters are {valid}")
+    if order.count("c") != 1:
+        raise ValueError(f"layer_order {layer_order!r} must contain exactly one 'c' (the convolution); valid letters are {valid}")
+    if len(set(order)) != len(order):
+        raise ValueError(f"layer_order {layer_order!r} repeats a letter; valid letters are {valid}")
+    if sum(order.count(a) for a in "rle") > 1:
+        raise ValueError(f"layer_order {layer_order!r} has more than one activation (choose one of 'r', 'l', 'e')")
+    if sum(order.count(n) for n in "gb") > 1:
+        raise ValueError(f"layer_order {layer_order!r} has more than one normalisation (choose 'g' or 'b')")
+    return order
+
+
+def _group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
+    # A normalisation placed before the first convolution sees the raw input's channel count (often 1); like the
+    # original tool, fewer channels than groups fall back to one group instead of failing.
+    groups = num_groups if channels >= num_groups else 1
+    if channels % groups != 0:
+        raise ValueError(
+            f"GroupNorm cannot split {channels} channels into num_groups={num_groups}; choose num_groups dividing "
+            "every block's channel count (each level's channels and half of them) or a layer_order without 'g'"
+        )
+    return nn.GroupNorm(groups, channels)
+
+
+class SingleConv(nn.Sequential):
+    """A 3×3×3 convolution with its activation and normalisation, in the order given by ``layer_order``."""
+
+    def __init__(self, in_channels: int, out_channels: int, layer_order: str = "crg", num_groups: int = 8) -> None:
+        super().__init__()
+        order = parse_layer_order(layer_order)
+        conv_at = order.index("c")
+        # A normalisation right after the convolution subtracts the mean anyway, so its bias would be wasted.
+        bias = not ("g" in order[conv_at:] or "b" in order[conv_at:])
+        for i, letter in enumerate(order):
+            channels = in_channels if i < conv_at else out_channels
+            if letter == "c":
+                self.add_module("conv", nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=bias))
+            elif letter == "r":
+                self.add_module("relu", nn.ReLU(inplace=True))
+            elif letter == "l":
+                self.add_module("leakyrelu", nn.LeakyReLU(negative_slope=0.1, inplace=True))
+            elif letter == "e":
+                self.add_module("elu", nn.ELU(inplace=True))
+            elif letter == "g":
+                self.add_module("groupnorm", _group_norm(channels, num_groups))
+            elif letter == "b":
+                self.add_module("batchnorm", nn.BatchNorm3d(channels))
+
+
+class DoubleConv(nn.Sequential):
+    """Two :class:`SingleConv`; ``mid_channels`` is the first one's output."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, layer_order: str, num_groups: int) -> None:
+        super().__init__(
+            SingleConv(in_channels, mid_channels, layer_order, num_groups),
+            SingleConv(mid_channels, out_channels, layer_order, num_groups),
+        )
+
+
+class Decoder(nn.Module):
+    """Upsample the deeper features to the skip connection's size, concatenate, then :class:`DoubleConv`."""
+
+    def __init__(
+        self, deep_channels: int, skip_channels: int, layer_order: str, num_groups: int, upsample: str
+    ) -> None:
+        super().__init__()
+        self.upsample = upsample
+        if upsample == "deconv":
+            # kernel 3, stride 2, padding 1 gives 2n-1 or 2n voxels (output_size picks); with ceil-mode pooling
+            # that is always the skip connection's size.
+            self.up = nn.ConvTranspose3d(deep_channels, deep_channels, kernel_size=3, stride=2, padding=1)
+        self.conv = DoubleConv(deep_channels + skip_channels, skip_channels, skip_channels, layer_order, num_groups)
+
+    def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
+        size = skip.shape[2:]
+        if self.upsample == "deconv":
+            up = self.up(deep, output_size=size)
+        else:
+            up = F.interpolate(deep, size=size, mode="nearest")
+        return self.conv(torch.cat([skip, up], dim=1))
+
+
+class UNet3D(nn.Module):
+    """3D U-Net returning logits of the input's spatial size.
+
+    Args:
+        in_channels: channels of the raw input (1 for a grey-scale volume). Default 1.
+        out_channels: output channels: number of classes for class-id labels, number of masks for binary labels.
+            Default 2.
+        f_maps: an int gives the first level's channels, doubled at each deeper level
+            (``64`` → ``[64, 128, 256, 512]``); a list gives every level's channels explicitly (and then
+            ``num_levels`` must be its length or left at its default). Default 64, as the original.
+        num_levels: depth of the U (number of resolution levels). Default 4.
+        layer_order: order of the layers in each convolution block, e.g. ``"crg"`` (conv, ReLU, GroupNorm — the
+            original's default), ``"gcr"``, ``"cbr"``; see :func:`parse_layer_order`. Default ``"crg"``.
+        num_groups: groups of every GroupNorm; each level's channel count must be divisible by it (a GroupNorm
+            that sees fewer channels than groups, e.g. before the first conv, uses one group). Default 8.
+        upsample: ``"deconv"`` (learned ``ConvTranspose3d``, the original's default) or ``"interpolate"``
+            (nearest-neighbour ``F.interpolate``, the original's ``--interpolate``). Default ``"deconv"``.
+
+    Example::
+
+        >>> net = UNet3D(in_channels=1, out_channels=3, f_maps=8, num_levels=3)
+        >>> net(torch.zeros(2, 1, 20, 33, 31)).shape
+        torch.Size([2, 3, 20, 33, 31])
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        f_maps: int | Sequence[int] = 64,
+        num_levels: int = 4,
+        layer_order: str = "crg",
+        num_groups: int = 8,
+        upsample: str = "deconv",
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be at least 1")
+        self.channels = level_channels(f_maps, num_levels)
+        order = parse_layer_order(layer_order)
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample {upsample!r} is not one of {list(UPSAMPLE_MODES)}")
+
+        self.encoders = nn.ModuleList()
+        previous = in_channels
+        for channels in self.channels:
+            self.encoders.append(DoubleConv(previous, max(channels // 2, previous), channels, order, num_groups))
+            previous = channels
+        self.decoders = nn.ModuleList(
+            Decoder(deep, skip, order, num_groups, upsample)
+            for deep, skip in zip(self.channels[:0:-1], self.channels[-2::-1])
+        )
+        self.final_conv = nn.Conv3d(self.channels[0], out_channels, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"UNet3D expects a 5D input (batch, channels, z, y, x), got shape {tuple(x.shape)}")
+        skips = []
+        for i, encoder in enumerate(self.encoders):
+            if i > 0:
+                x = F.max_pool3d(x, kernel_size=2, ceil_mode=True)
+            x = encoder(x)
+            skips.append(x)
+        for decoder, skip in zip(self.decoders, reversed(skips[:-1])):
+            x = decoder(x, skip)
+        return self.final_conv(x)
+
+
+def level_channels(f_maps: int | Sequence[int], num_levels: int = 4) -> list[int]:
+    """Channels of each level: ``f_maps * 2**i`` for an int, or the explicit list."""
+    if isinstance(f_maps, int):
+        if f_maps < 1 or num_levels < 1:
+            raise ValueError(f"f_maps ({f_maps}) and num_levels ({num_levels}) must be at least 1")
+        return [f_maps * 2**i for i in range(num_levels)]
+    channels = [int(c) for c in f_maps]
+    if not channels or min(channels) < 1:
+        raise ValueError(f"f_maps {list(f_maps)} must be a non-empty list of positive channel counts")
+    if num_levels not in (len(channels), 4):
+        raise ValueError(f"f_maps lists {len(channels)} levels but num_levels is {num_levels}; drop one of them")
+    return channels
