@@ -1,0 +1,129 @@
+"""Training callbacks of the ``unet3d`` command: validation images in TensorBoard and the end-of-fit summary."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+
+def _to_unit(image: Tensor) -> Tensor:
+    """Scale a 2D float image to [0, 1] for display (constant images become 0)."""
+    image = image.float()
+    low, high = image.min(), image.max()
+    return (image - low) / (high - low) if high > low else torch.zeros_like(image)
+
+
+def middle_slice_panel(raw: Tensor, label: Tensor, probabilities: Tensor, multiclass: bool) -> Tensor:
+    """One grey-scale panel ``(1, rows * H, 3 * W)``: raw | label | prediction at the middle z-slice of one patch.
+
+    ``raw`` ``(C, D, H, W)``; ``label`` ``(D, H, W)`` class ids or ``(C, D, H, W)`` masks; ``probabilities``
+    ``(C, D, H, W)``. Class ids are shown as id / (classes - 1); for masks one row per channel.
+    """
+    z = raw.shape[1] // 2
+    raw_slice = _to_unit(raw[0, z])
+    classes = probabilities.shape[0]
+    if multiclass:
+        scale = max(classes - 1, 1)
+        label_rows = [label[z].float().clamp(0, scale) / scale]
+        prediction_rows = [probabilities[:, z].argmax(0).float() / scale]
+    else:
+        label_rows = [label[c, z].float().clamp(0, 1) for c in range(classes)]
+        prediction_rows = [probabilities[c, z].float() for c in range(classes)]
+    rows = [torch.cat([raw_slice, lab, pred], dim=1) for lab, pred in zip(label_rows, prediction_rows)]
+    return torch.cat(rows, dim=0)[None].cpu()
+
+
+class ValidationImages(Callback):
+    """Every ``every_n_validations`` validation runs, log the middle z-slice of raw, label and prediction of the
+    first validation patch to TensorBoard (tag ``val/images``).
+
+    Args:
+        every_n_validations: how often; 0 turns images off. Default 1 (every validation).
+    """
+
+    def __init__(self, every_n_validations: int = 1) -> None:
+        if every_n_validations < 0:
+            raise ValueError(f"every_n_validations must be >= 0, got {every_n_validations}")
+        self.every_n_validations = every_n_validations
+        self._validations = 0
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validations += 1
+
+    @rank_zero_only
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if (
+            self.every_n_validations == 0
+            or trainer.sanity_checking
+            or batch_idx != 0
+            or (self._validations - 1) % self.every_n_validations != 0
+            or not isinstance(outputs, dict)
+            or "probabilities" not in outputs
+        ):
+            return
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return
+        panel = middle_slice_panel(
+            batch["raw"][0], batch["label"][0], outputs["probabilities"][0], bool(getattr(pl_module, "multiclass", True))
+        )
+        for logger in loggers:
+            logger.experiment.add_image("val/images", panel, global_step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self._validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._validations = state_dict.get("validations", 0)
+
+
+class FitSummary(Callback):
+    """At the end of ``fit``, print where the best and last checkpoints and the logs went, with the wall time."""
+
+    def __init__(self) -> None:
+        self._start = 0.0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        lines = [f"fit finished: {trainer.global_step} steps, {trainer.current_epoch} epochs, "
+                 f"{_duration(time.perf_counter() - self._start)}"]
+        checkpoint = trainer.checkpoint_callback
+        if isinstance(checkpoint, ModelCheckpoint):
+            if checkpoint.best_model_path:
+                score = checkpoint.best_model_score
+                value = f" ({checkpoint.monitor} = {score.item():.4f})" if score is not None else ""
+                lines.append(f"  best checkpoint: {checkpoint.best_model_path}{value}")
+            if checkpoint.last_model_path:
+                lines.append(f"  last checkpoint: {checkpoint.last_model_path}")
+        if trainer.logger is not None and trainer.log_dir:
+            lines.append(f"  logs:            {trainer.log_dir}  (tensorboard --logdir {trainer.log_dir})")
+        print("\n".join(lines), flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar for fit, validate and test; prediction shows one bar per volume instead (drawn by
+    :class:`~unet3d_lightning.prediction.writer.PredictionWriter`), so the overall predict bar is hidden."""
+
+    def init_predict_tqdm(self) -> Any:
+        return Tqdm(desc=self.predict_description, disable=True)

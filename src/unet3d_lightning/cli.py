@@ -1,0 +1,153 @@
+"""The ``unet3d`` command: a LightningCLI with the project's defaults.
+
+``unet3d fit|validate|test|predict --config CONFIG.yaml [--section.key value ...]``; ``--print_config`` prints a
+complete configuration that ``--config`` accepts back. Mistakes the command can see (bad paths, unwritable output
+directory, data that does not fit the model) end with one ``error:`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .callbacks import FitSummary, ProgressBar, ValidationImages
+from .data.datamodule import HDF5DataModule
+from .data.volumes import resolve_paths
+from .errors import ConfigurationError
+from .module import UNet3DModule
+from .prediction.writer import PredictionWriter, check_output_dir
+
+# Data settings that change the numbers a model sees: prediction takes them from the checkpoint unless given.
+_DATA_FROM_CHECKPOINT = {"normalization": "standardize", "percentiles": (1.0, 99.0)}
+
+
+class UNet3DCLI(LightningCLI):
+    """LightningCLI with checkpointing, early stopping, image logging and prediction writing set up."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.filename": "best",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.save_last": True,
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults(
+            {"early_stopping.monitor": "val/loss", "early_stopping.mode": "min", "early_stopping.patience": 20}
+        )
+        parser.add_lightning_class_args(ValidationImages, "image_logger")
+        parser.add_lightning_class_args(PredictionWriter, "prediction")
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # Keeping every patch's probabilities for trainer.predict's return value would hold the whole output in RAM;
+        # the PredictionWriter streams it to disk instead.
+        self._subcommand_parsers["predict"].set_defaults(return_predictions=False)
+
+    def before_instantiate_classes(self) -> None:
+        """Fail fast, before any model, data or checkpoint is loaded, on mistakes visible in the config."""
+        sub = self.subcommand
+        config = self.config[sub]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and not Path(ckpt_path).is_file():
+            raise ConfigurationError(f"ckpt_path {ckpt_path}: file does not exist")
+        if sub != "predict":
+            return
+        if not ckpt_path:
+            raise ConfigurationError("predict needs --ckpt_path, the checkpoint of a trained model (e.g. best.ckpt)")
+        resolve_paths(config.data.predict_paths, "predict")
+        if not config.data.predict_paths:
+            raise ConfigurationError("data.predict_paths is empty: give the volumes to predict")
+        check_output_dir(config.prediction.output_dir)
+        self._data_settings_from_checkpoint(ckpt_path, config)
+
+    def _data_settings_from_checkpoint(self, ckpt_path: str, config: Any) -> None:
+        """Use the training run's normalisation for prediction unless the command line sets one."""
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001 - any failure means the file is not a usable checkpoint
+            raise ConfigurationError(f"ckpt_path {ckpt_path}: cannot be read as a checkpoint ({err})") from None
+        trained = checkpoint.get("datamodule_hyper_parameters") or {}
+        for key, default in _DATA_FROM_CHECKPOINT.items():
+            value = config.data.get(key)
+            if key in trained and _same(value, default) and not _same(trained[key], default):
+                config.data[key] = trained[key]
+                print(f"using data.{key}={trained[key]!r} from the checkpoint", file=sys.stderr)
+
+    def _run_evaluation(self, method: str, model: Any, ckpt_path: str | None = None, **kwargs: Any) -> Any:
+        """validate / test / predict: load the checkpoint's weights into the model built from its hyperparameters.
+
+        Passing ``ckpt_path`` on to the Trainer would also restore the training callbacks' state (checkpointing,
+        early stopping), which these runs do not have; only the weights matter here.
+        """
+        if ckpt_path:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            model.load_state_dict(checkpoint["state_dict"])
+            print(f"loaded weights from {ckpt_path}", file=sys.stderr)
+        return getattr(self.trainer, method)(model, **kwargs)
+
+    def validate(self, model: Any, **kwargs: Any) -> Any:
+        return self._run_evaluation("validate", model, **kwargs)
+
+    def test(self, model: Any, **kwargs: Any) -> Any:
+        return self._run_evaluation("test", model, **kwargs)
+
+    def predict(self, model: Any, **kwargs: Any) -> Any:
+        return self._run_evaluation("predict", model, **kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(trainer_config.get("callbacks") or [])
+        if trainer_config.get("enable_progress_bar") is not False:
+            callbacks.append(ProgressBar())
+        if self.subcommand == "fit":
+            callbacks.append(FitSummary())
+            if trainer_config.get("logger") is not False:
+                callbacks.append(LearningRateMonitor(logging_interval="step"))
+        trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        if self.subcommand != "fit":
+            # Checkpointing and early stopping belong to training; in predict they would only restore stale state.
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (ModelCheckpoint, EarlyStopping))]
+        return trainer
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return [float(x) for x in a] == [float(x) for x in b]
+    return a == b
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``unet3d``; ``args`` replaces ``sys.argv[1:]`` (for tests and scripts)."""
+    try:
+        UNet3DCLI(
+            UNet3DModule,
+            HDF5DataModule,
+            args=args,
+            auto_configure_optimizers=False,
+            trainer_defaults={
+                "max_epochs": 500,
+                "max_steps": 100_000,
+                "default_root_dir": "runs",
+                # The datamodule shards patches itself: Lightning's DistributedSampler would pad validation and
+                # prediction with duplicates (biased metrics, patches stitched twice).
+                "use_distributed_sampler": False,
+            },
+        )
+    except ConfigurationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""The LightningModule: UNet3D + a Sudre loss + torchmetrics validation metrics + optimizer and LR schedule."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassF1Score,
+    MulticlassJaccardIndex,
+    MultilabelF1Score,
+    MultilabelJaccardIndex,
+)
+
+from .errors import ConfigurationError
+from .losses import apply_final_activation, create_loss, final_activation_name
+from .model import UNet3D
+
+LossName = Literal["ce", "wce", "bce", "dice", "bce_dice"]
+# Losses whose label type is fixed by the loss itself; 'dice' works with both and learns it from the data.
+_MULTICLASS_BY_LOSS = {"ce": True, "wce": True, "bce": False, "bce_dice": False}
+
+
+class UNet3DModule(pl.LightningModule):
+    """3D U-Net segmentation model trained with one of the Sudre et al. 2017 losses.
+
+    Architecture args are those of :class:`~unet3d_lightning.model.UNet3D`; they are saved in every checkpoint
+    (``save_hyperparameters``), so ``UNet3DModule.load_from_checkpoint(path)`` and ``unet3d predict --ckpt_path``
+    rebuild the model without repeating them.
+
+    Args:
+        in_channels, out_channels, f_maps, num_levels, layer_order, num_groups, upsample: see ``UNet3D``.
+        loss: ``"ce"`` cross-entropy, ``"wce"`` Sudre's weighted cross-entropy, ``"bce"`` binary cross-entropy (4D
+            binary labels), ``"dice"`` Sudre's Generalized Dice, ``"bce_dice"`` BCE + Dice. Default ``"ce"``.
+        loss_weight: per-class (``ce``) or per-channel (``bce``, ``bce_dice``) weights, one per output channel; the
+            original ``--loss-weight``. Default None (all 1).
+        ignore_index: label value whose voxels count neither in the loss nor in the metrics. Default None.
+        multiclass: whether labels are class ids (3D label volumes, softmax output) or binary masks (4D labels,
+            per-channel sigmoid output). Default None: implied by the loss (ce/wce: class ids; bce/bce_dice: masks)
+            and, for ``dice``, read from the training data at setup; the value is then stored in the checkpoint so
+            prediction applies the same final activation.
+        learning_rate: initial learning rate given to the optimizer. Default 2e-4 (the original's).
+        weight_decay: weight decay given to the optimizer. Default 1e-4 (the original's).
+        optimizer: optimizer class and its other arguments (momentum, betas, ...), e.g. in YAML
+            ``optimizer: {class_path: torch.optim.SGD, init_args: {momentum: 0.9, nesterov: true}}``. The learning
+            rate and weight decay always come from ``learning_rate`` and ``weight_decay``. Default None: Adam.
+        lr_scheduler: LR scheduler class and arguments, e.g. ``lr_scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau``
+            or ``{class_path: torch.optim.lr_scheduler.CosineAnnealingLR, init_args: {T_max: 100}}``. Default None
+            (constant learning rate).
+        lr_scheduler_interval: step the scheduler every ``"epoch"`` or every optimizer ``"step"``. Default ``"epoch"``.
+        lr_scheduler_monitor: metric that ``ReduceLROnPlateau`` watches. Default ``"val/loss"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        f_maps: int | list[int] = 64,
+        num_levels: int = 4,
+        layer_order: str = "crg",
+        num_groups: int = 8,
+        upsample: Literal["deconv", "interpolate"] = "deconv",
+        loss: LossName = "ce",
+        loss_weight: list[float] | None = None,
+        ignore_index: int | None = None,
+        multiclass: bool | None = None,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 1e-4,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        lr_scheduler_monitor: str = "val/loss",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = UNet3D(in_channels, out_channels, f_maps, num_levels, layer_order, num_groups, upsample)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.ignore_index = ignore_index
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.loss_fn: torch.nn.Module | None = None
+        self.multiclass: bool | None = None
+        implied = _MULTICLASS_BY_LOSS.get(loss)
+        if multiclass is not None and implied is not None and multiclass != implied:
+            kind = "class-id (3D)" if implied else "binary (4D)"
+            raise ConfigurationError(f"loss {loss!r} needs {kind} labels, but multiclass={multiclass} was given")
+        resolved = multiclass if multiclass is not None else implied
+        if resolved is not None:
+            self._configure_task(resolved)
+        else:
+            # 'dice' without an explicit label type still checks its loss arguments up front.
+            create_loss(loss, multiclass=True, weight=loss_weight, ignore_index=ignore_index, out_channels=out_channels)
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        # Set by the prediction writer for flip test-time augmentation.
+        self.predict_tta = False
+
+    # ----------------------------------------------------------------------------------------------- task set-up
+    def _configure_task(self, multiclass: bool) -> None:
+        """Build the loss and the metrics for class-id labels (``multiclass``) or binary masks."""
+        hp = self.hparams
+        self.loss_fn = create_loss(
+            hp.loss, multiclass=multiclass, weight=hp.loss_weight, ignore_index=hp.ignore_index,
+            out_channels=hp.out_channels,
+        )
+        self.multiclass = multiclass
+        # Stored so that the checkpoint carries the label type, and prediction the right final activation.
+        self.hparams["multiclass"] = multiclass
+        self.activation = final_activation_name(hp.loss, multiclass=multiclass)
+        self.val_metrics = self._make_metrics("val")
+        self.test_metrics = self._make_metrics("test")
+
+    def _make_metrics(self, stage: str) -> MetricCollection:
+        c, ignore = self.hparams.out_channels, self.hparams.ignore_index
+        if self.multiclass:
+            metrics = {
+                "dice": MulticlassF1Score(num_classes=c, average="none", ignore_index=ignore),
+                "iou": MulticlassJaccardIndex(num_classes=c, average="macro", ignore_index=ignore),
+            }
+        else:
+            metrics = {
+                "dice": MultilabelF1Score(num_labels=c, average="none", ignore_index=ignore),
+                "iou": MultilabelJaccardIndex(num_labels=c, average="macro", ignore_index=ignore),
+            }
+        return MetricCollection(metrics, prefix=f"{stage}/").to(self.device)
+
+    def setup(self, stage: str) -> None:
+        """Learn the label type from the datamodule (for ``dice``) and check it against the loss."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        label_kind = getattr(datamodule, "label_kind", None)
+        if label_kind is None:
+            return
+        data_multiclass = label_kind == "class_ids"
+        if self.multiclass is None:
+            self._configure_task(data_multiclass)
+        elif self.multiclass != data_multiclass:
+            have = "3D class-id" if data_multiclass else "4D binary"
+            if self.hparams.loss in _MULTICLASS_BY_LOSS:
+                fix = "use loss ce, wce or dice" if data_multiclass else "use loss bce, dice or bce_dice"
+            else:
+                fix = "set model.multiclass to match the labels"
+            raise ConfigurationError(
+                f"loss {self.hparams.loss!r} (multiclass={self.multiclass}) does not fit the {have} labels of the "
+                f"data; {fix}"
+            )
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, out_channels, D, H, W)`` for an input ``(B, in_channels, D, H, W)``."""
+        return self.net(x)
+
+    def final_activation(self, logits: Tensor) -> Tensor:
+        """The probabilities prediction writes: softmax over channels for class-id labels, else per-channel sigmoid."""
+        if self.multiclass is None:
+            raise ConfigurationError(
+                "the label type of this model is unknown (loss 'dice' never trained); set model.multiclass"
+            )
+        return apply_final_activation(logits, self.activation)
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        if self.loss_fn is None:
+            # Used without a datamodule that reports the label type: class ids come without a channel axis.
+            self._configure_task(batch["label"].dim() == 4)
+        logits = self(batch["raw"])
+        loss = self.loss_fn(logits, batch["label"], batch.get("weight"))
+        return loss, logits
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, _ = self._loss(batch)
+        batch_size = batch["raw"].shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        self.train_loss.update(loss.detach(), weight=batch_size)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        loss, logits = self._loss(batch)
+        probabilities = self.final_activation(logits)
+        batch_size = batch["raw"].shape[0]
+        # Metric objects accumulate over the epoch and sync across DDP ranks once at compute(); validation batches
+        # are split across ranks without padding, so no duplicated patch biases the result.
+        mean_loss = self.val_loss if stage == "val" else self.test_loss
+        mean_loss.update(loss.detach(), weight=batch_size)
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        target = batch["label"]
+        metrics.update(probabilities, target if self.multiclass else target.long())
+        return {"loss": loss, "probabilities": probabilities}
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluate(batch, "test")
+
+    def _log_metrics(self, metrics: MetricCollection, stage: str) -> None:
+        values = metrics.compute()  # synced over ranks
+        metrics.reset()
+        per_class = values.pop(f"{stage}/dice")
+        self.log(f"{stage}/dice", per_class.mean(), prog_bar=True)
+        others = {f"{stage}/iou": values[f"{stage}/iou"]}
+        if per_class.numel() > 1:
+            others.update({f"{stage}/dice_class{i}": v for i, v in enumerate(per_class)})
+        self.log_dict(others)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.loss_fn is not None:
+            self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        if self.loss_fn is not None:
+            self._log_metrics(self.test_metrics, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Probabilities for a batch of patches, with their location passed through for the stitcher."""
+        raw = batch["raw"]
+        if self.predict_tta:
+            probabilities = flip_tta(lambda x: self.final_activation(self(x)), raw)
+        else:
+            probabilities = self.final_activation(self(raw))
+        return {**{k: v for k, v in batch.items() if k != "raw"}, "probabilities": probabilities}
+
+    # ----------------------------------------------------------------------------------------------- optimizers
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.Adam(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        else:
+            given = getattr(self.optimizer_factory, "keywords", {}) or {}
+            clash = sorted({"lr", "weight_decay"} & set(given))
+            if clash:
+                raise ConfigurationError(
+                    f"set {', '.join(clash)} with model.learning_rate / model.weight_decay, not in the optimizer's "
+                    "init_args"
+                )
+            optimizer = self.optimizer_factory(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": hp.lr_scheduler_interval,
+                "monitor": hp.lr_scheduler_monitor,
+            },
+        }
+
+
+def flip_tta(predict: Any, x: Tensor) -> Tensor:
+    """Average of ``predict`` over the 8 flips of the three spatial axes (each flipped back before averaging)."""
+    total = None
+    flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+    for dims in flips:
+        out = predict(x.flip(dims) if dims else x).float()
+        out = out.flip(dims) if dims else out
+        total = out if total is None else total + out
+    return total / len(flips)
