@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,11 +18,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigurationError
 from .patches import padded_shape, patch_grid
-from .sampling import ShardedSampler
+from .sampling import PaddingIndex, ShardedSampler
 from .transforms import Augmentation, Compose
 from .volumes import (
+    READ_ERRORS,
     Volume,
     check_consistent,
+    error_summary,
     load_arrays,
     open_h5,
     open_volume,
@@ -34,59 +38,125 @@ Normalization = Literal["standardize", "percentile", "none"]
 
 
 # --------------------------------------------------------------------------------------------------- reading
-class _FileCache:
-    """Per-process read-only h5py handles, opened on first use.
+# Files a reader keeps open at once (least recently used closed first). Each open dataset may hold up to
+# CHUNK_CACHE_BYTES of cached chunks, so this bounds a reader process's cache memory at
+# MAX_OPEN_FILES * (datasets per file) * CHUNK_CACHE_BYTES.
+MAX_OPEN_FILES = 8
+# Handles a forked worker inherited from its parent: kept referenced and never touched in the worker, because
+# closing them there would run HDF5's close (and unlock the file: flock locks are shared across fork) on state the
+# parent still uses.
+_INHERITED: list[Any] = []
 
-    h5py handles must not cross a fork: a DataLoader worker that inherited its parent's open file would share HDF5's
-    internal state with it. The cache therefore belongs to one process id and starts empty in any other process,
-    and it is dropped when the dataset is pickled for spawned workers.
+
+class _FileCache:
+    """Per-process read-only h5py datasets, opened on first use and kept open.
+
+    Datasets stay open, not just files: HDF5 frees a dataset's chunk cache when the dataset is closed, so opening
+    ``file[key]`` for every patch would read (and decompress) the chunks that overlapping patches share again.
+
+    h5py handles must not cross a fork: a DataLoader worker that used its parent's open file would share HDF5's
+    internal state with it. The cache therefore belongs to one process id; in any other process it sets the
+    inherited handles aside and opens its own. Pickling (spawned workers) drops the handles.
     """
 
     def __init__(self) -> None:
         self._pid = os.getpid()
-        self._files: dict[str, h5py.File] = {}
+        self._files: OrderedDict[str, h5py.File] = OrderedDict()
+        self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
 
-    def get(self, volume: Volume) -> h5py.File:
+    def dataset(self, volume: Volume, key: str) -> h5py.Dataset:
+        """The open dataset ``key`` of ``volume``'s file, in this process."""
         if self._pid != os.getpid():
-            self._pid, self._files = os.getpid(), {}
-        key = str(volume.path)
-        if key not in self._files:
-            self._files[key] = open_h5(volume.path, volume.role)
-        return self._files[key]
+            _INHERITED.append((self._files, self._datasets))
+            self._pid, self._files, self._datasets = os.getpid(), OrderedDict(), {}
+        name = str(volume.path)
+        found = self._datasets.get((name, key))
+        if found is None:
+            file = self._files.get(name)
+            if file is None:
+                while len(self._files) >= MAX_OPEN_FILES:
+                    self._close(next(iter(self._files)))
+                file = self._files[name] = open_h5(volume.path, volume.role)
+            found = self._datasets[(name, key)] = file[key]
+        self._files.move_to_end(name)
+        return found
+
+    def open_paths(self) -> list[str]:
+        """Paths of the files this process has open through the cache (none in a process that did not open them)."""
+        return list(self._files) if self._pid == os.getpid() else []
+
+    def _close(self, name: str) -> None:
+        for k in [k for k in self._datasets if k[0] == name]:
+            del self._datasets[k]
+        self._files.pop(name).close()
+
+    def close(self) -> None:
+        """Close the files this process opened; the cache stays usable and reopens them on demand."""
+        if self._pid == os.getpid():
+            for name in list(self._files):
+                self._close(name)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_pid": -1, "_files": {}}
+        return {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__init__()  # type: ignore[misc]
 
 
-def _read_region(volume: Volume, cache: _FileCache, key: str, slices: tuple[slice, slice, slice], is_4d: bool) -> np.ndarray:
+def _read_region(
+    volume: Volume, cache: _FileCache, key: str, slices: tuple[slice, slice, slice], is_4d: bool
+) -> np.ndarray:
+    """The region ``slices`` of dataset ``key``: from memory with ``in_memory`` (a view), else read from the file."""
+    index = (slice(None), *slices) if is_4d else slices
     source = volume.arrays.get(key)
-    if source is None:
-        source = cache.get(volume)[key]
-    return source[(slice(None), *slices)] if is_4d else source[slices]
+    if source is not None:
+        return source[index]
+    try:
+        return cache.dataset(volume, key)[index]
+    except READ_ERRORS as err:
+        where = ", ".join(f"{a} {s.start}-{s.stop - 1}" for a, s in zip("zyx", slices))
+        raise ConfigurationError(
+            f"{volume.describe(key)} cannot be read at {where} ({error_summary(err)}); the file changed or is damaged"
+        ) from None
 
 
-def normalize(raw: np.ndarray, volume: Volume, mode: str) -> np.ndarray:
+def normalize(raw: np.ndarray, volume: Volume, mode: str, *, overwrite: bool = False) -> np.ndarray:
     """Raw ``(C, ...)`` to float32 by the volume's statistics, the same rule in training and prediction.
 
-    ``standardize``: ``(x - mean_c) / std_c`` with the volume's per-channel mean and standard deviation.
-    ``percentile``: clip to the volume's ``[p_low, p_high]`` percentiles, then scale to ``[0, 1]``.
+    ``standardize``: ``(x - mean_c) / std_c`` with the volume's per-channel mean and (population) standard
+    deviation, ``std_c`` floored at 1e-8 so a constant channel maps to 0.
+    ``percentile``: ``(clip(x, low_c, high_c) - low_c) / (high_c - low_c)``, in ``[0, 1]``, with the volume's
+    ``percentiles`` ``low_c``, ``high_c``.
     ``none``: cast only.
+
+    Args:
+        raw: ``(C, ...)`` array of any numeric dtype.
+        volume: the volume ``raw`` comes from; its ``stats`` are used (None: cast only).
+        mode: ``"standardize"``, ``"percentile"`` or ``"none"``.
+        overwrite: allow computing in ``raw``'s own memory when it already is float32 (a freshly read buffer
+            nobody else holds), saving a copy. Default False: ``raw`` is never modified.
     """
-    x = raw.astype(np.float32, copy=False)
+    x = raw.astype(np.float32, copy=not overwrite)
     stats = volume.stats
     if mode == "none" or stats is None:
         return x
     shape = (-1,) + (1,) * (x.ndim - 1)
     if mode == "standardize":
-        mean = np.asarray(stats.mean, np.float32).reshape(shape)
-        std = np.maximum(np.asarray(stats.std, np.float32), 1e-8).reshape(shape)
-        return (x - mean) / std
+        # The mean is subtracted as float32 high part plus the remainder: rounding the mean itself to float32 would
+        # shift every output by up to ulp(mean) / (2 std), a visible bias for data with a large offset (raw around
+        # 30000 with a spread of 50 is common in microscopy); x - high is exact for x near the mean (Sterbenz).
+        mean = np.asarray(stats.mean, np.float64)
+        high = mean.astype(np.float32)
+        x -= high.reshape(shape)
+        x -= (mean - high).astype(np.float32).reshape(shape)
+        x /= np.maximum(np.asarray(stats.std, np.float32), 1e-8).reshape(shape)
+        return x
     low = np.asarray(stats.low, np.float32).reshape(shape)
     high = np.asarray(stats.high, np.float32).reshape(shape)
-    return (np.clip(x, low, high) - low) / np.maximum(high - low, 1e-8)
+    np.clip(x, low, high, out=x)
+    x -= low
+    x /= np.maximum(high - low, 1e-8)
+    return x
 
 
 class PatchDataset(Dataset):
@@ -114,25 +184,34 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.locations)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = item if isinstance(item, tuple) else (item, index_seed(item))
+        padding = isinstance(item, PaddingIndex)
         v, slices = self.locations[index]
         volume = self.volumes[v]
         raw = _read_region(volume, self._files, volume.raw_internal_path, slices, volume.raw_is_4d)
-        raw = raw if volume.raw_is_4d else raw[None]
-        sample = {"raw": torch.from_numpy(np.ascontiguousarray(normalize(raw, volume, self.normalization)))}
+        # A region read from the file is a new buffer this call owns and may overwrite; an in-memory region is a
+        # view of the volume and must be copied.
+        fresh = not volume.arrays
+        raw = normalize(raw if volume.raw_is_4d else raw[None], volume, self.normalization, overwrite=fresh)
+        sample = {"raw": torch.from_numpy(np.ascontiguousarray(raw))}
         if self.with_labels and volume.label_internal_path is not None:
             label = _read_region(volume, self._files, volume.label_internal_path, slices, volume.label_kind == "binary")
             dtype = np.int64 if volume.label_kind == "class_ids" else np.float32
-            sample["label"] = torch.from_numpy(np.ascontiguousarray(label.astype(dtype)))
+            sample["label"] = torch.from_numpy(np.ascontiguousarray(label.astype(dtype, copy=not fresh)))
         if self.with_labels and volume.weight_internal_path is not None:
             weight = _read_region(volume, self._files, volume.weight_internal_path, slices, volume.weight_is_4d)
-            sample["weight"] = torch.from_numpy(np.ascontiguousarray(weight.astype(np.float32)))
+            sample["weight"] = torch.from_numpy(np.ascontiguousarray(weight.astype(np.float32, copy=not fresh)))
         if self.transforms is not None:
             generator = torch.Generator()
             generator.manual_seed(seed)
             sample = self.transforms(sample, generator)
+        sample["padding"] = padding  # a DDP padding duplicate (see ShardedSampler): not to be counted
         return sample
+
+    def close(self) -> None:
+        """Close the HDF5 files this process opened for reading (they are reopened on the next read)."""
+        self._files.close()
 
 
 def index_seed(index: int) -> int:
@@ -169,20 +248,78 @@ class PredictDataset(Dataset):
         v, slices = self.items[index]
         volume = self.plans[v].volume
         inside = tuple(slice(s.start, min(s.stop, n)) for s, n in zip(slices, volume.spatial_shape))
-        raw = _read_region(volume, self._files, volume.raw_internal_path, inside, volume.raw_is_4d)
-        raw = normalize(raw if volume.raw_is_4d else raw[None], volume, self.normalization)
+        raw = _read_region(
+            volume, self._files, volume.raw_internal_path, inside, volume.raw_is_4d  # type: ignore[arg-type]
+        )
+        raw = normalize(
+            raw if volume.raw_is_4d else raw[None], volume, self.normalization, overwrite=not volume.arrays
+        )
         shape = tuple(s.stop - s.start for s in slices)
         if raw.shape[1:] != shape:
             padded = np.zeros((raw.shape[0], *shape), np.float32)
             padded[(slice(None), *(slice(0, n) for n in raw.shape[1:]))] = raw
             raw = padded
         start = torch.tensor([s.start for s in slices], dtype=torch.int64)
-        return {"raw": torch.from_numpy(np.ascontiguousarray(raw)), "volume": v, "start": start}
+        return {
+            "raw": torch.from_numpy(np.ascontiguousarray(raw)), "volume": v, "start": start,
+            "padding": isinstance(index, PaddingIndex),  # a DDP padding duplicate: the writer skips it
+        }
+
+    def close(self) -> None:
+        """Close the HDF5 files this process opened for reading (they are reopened on the next read)."""
+        self._files.close()
+
+
+class PatchLoader(DataLoader):
+    """A DataLoader over a :class:`ShardedSampler` whose place in the epoch is saved in checkpoints.
+
+    Lightning stores ``state_dict()`` in every checkpoint and, when a run resumes, calls ``load_state_dict()`` before
+    it starts iterating. A run resumed from a checkpoint written in the middle of an epoch then trains on exactly the
+    batches the interrupted run would have trained next (same order, same augmentations) instead of starting the
+    epoch over; one written at the end of an epoch continues with the next epoch's order.
+
+    Args:
+        progress: returns ``(batches finished in the current epoch, batches per epoch)`` as the training loop
+            counts them (batches the loader has produced may be more: workers and Lightning read ahead). Default
+            None: the state records no progress and a resumed epoch starts over.
+        Every other argument is :class:`torch.utils.data.DataLoader`'s. Only a loader whose ``sampler`` is a
+        ShardedSampler has a state; Lightning rebuilds loaders with other samplers in some modes (prediction,
+        ``overfit_batches``), and those save and restore nothing.
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        if not isinstance(self.sampler, ShardedSampler):
+            return {}
+        done, per_epoch = self.progress() if self.progress is not None else (0, len(self))
+        return {"epoch": self.sampler.epoch, "batches": int(done), "batches_per_epoch": int(per_epoch)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not state or not isinstance(self.sampler, ShardedSampler):
+            return
+        epoch, done = int(state["epoch"]), int(state["batches"])
+        if done >= state["batches_per_epoch"]:
+            epoch, done = epoch + 1, 0  # saved at the end of an epoch: the next one starts from its beginning
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip_next(done * (self.batch_size or 1))
 
 
 # --------------------------------------------------------------------------------------------------- module
 class HDF5DataModule(pl.LightningDataModule):
     """Strided 3D patches from HDF5 volumes, checked at ``setup()`` before any training or prediction starts.
+
+    ``setup()`` reads every volume once (z-slab by z-slab, read-only) to compute its intensity statistics and to
+    check it; a problem raises a :class:`~unet3d_lightning.errors.ConfigurationError` naming the file, the dataset
+    and the problem. Channel counts, label values and ``ignore_index`` are checked against the model the trainer
+    holds (its ``in_channels``, ``out_channels``, ``ignore_index``); without a trainer those checks are skipped.
+
+    Training batches are the same for any ``num_workers`` and across runs with the same ``seed``: the sampler
+    (main process) draws each sample's augmentation seed. Under DDP each rank reads its own share of the patches
+    (:class:`~unet3d_lightning.data.sampling.ShardedSampler`); validation and prediction are never padded with
+    duplicates. Each reader process opens the files itself and keeps them open (chunk caches stay warm).
 
     Args:
         train_paths, val_paths, test_paths, predict_paths: HDF5 files, directories (their ``.h5``/``.hdf5``/``.hdf``
@@ -196,7 +333,8 @@ class HDF5DataModule(pl.LightningDataModule):
             patch along an axis are rejected. Default None.
         train_stride_shape: distance between training patch starts; the last patch of each axis is moved back to end
             at the volume's border, so every voxel is covered. Default None: half the patch.
-        val_patch_shape, val_stride_shape: the same for validation and test. Default None: the training ones.
+        val_patch_shape, val_stride_shape: the same for validation and test. Default None: the training ones; with
+            a ``val_patch_shape`` but no ``val_stride_shape`` the stride is the patch (no overlap).
         predict_patch_shape: patch size for prediction; required by ``predict``. Volumes smaller than the patch are
             zero-padded (after normalisation) and the output cropped. Default None.
         predict_stride_shape: stride for prediction; patches overlap by ``patch - stride`` and the overlaps are
@@ -244,7 +382,12 @@ class HDF5DataModule(pl.LightningDataModule):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        if isinstance(augmentation, Mapping):  # as stored in a checkpoint's hyperparameters
+            augmentation = Augmentation(**augmentation)
+        self.save_hyperparameters(ignore=["augmentation"])
+        # Stored as a plain dict: checkpoints must load with torch.load(weights_only=True), the default, which
+        # refuses instances of arbitrary classes such as Augmentation.
+        self.hparams["augmentation"] = dataclasses.asdict(augmentation)
         if batch_size < 1 or num_workers < 0:
             raise ConfigurationError(f"batch_size ({batch_size}) must be >= 1 and num_workers ({num_workers}) >= 0")
         if normalization not in ("standardize", "percentile", "none"):
@@ -276,7 +419,7 @@ class HDF5DataModule(pl.LightningDataModule):
         self.seed = seed
         self.datasets: dict[str, Dataset] = {}
         self.volumes: dict[str, list[Volume]] = {}
-        self._scanned: dict[tuple[str, str], Volume] = {}
+        self._scanned: dict[tuple[Any, ...], Volume] = {}
 
     # ------------------------------------------------------------------------------------------------ setup
     @property
@@ -287,12 +430,35 @@ class HDF5DataModule(pl.LightningDataModule):
                 return self.volumes[role][0].label_kind
         return None
 
-    def _model_spec(self) -> dict[str, Any]:
-        """in_channels / out_channels / ignore_index of the attached model, to check the data against."""
-        model = self.trainer.lightning_module if self.trainer is not None else None
+    def _model_spec(self, model: Any = None) -> dict[str, Any]:
+        """in_channels / out_channels / ignore_index of ``model`` (default: the trainer's), to check the data against."""
+        if model is None and self.trainer is not None:
+            model = self.trainer.lightning_module
         return {k: getattr(model, k, None) for k in ("in_channels", "out_channels", "ignore_index")}
 
     def setup(self, stage: str) -> None:
+        """Check the volumes of ``stage`` (see :meth:`check`) and build their datasets."""
+        roles = self.check(stage)
+        if self.seed is None:
+            self.seed = torch.initial_seed() % 2**31
+            if self.trainer is not None and self.trainer.world_size > 1:
+                # Shards are disjoint only if every rank shuffles with the same seed.
+                self.seed = int(self.trainer.strategy.broadcast(self.seed, src=0))
+        for role in roles:
+            previous = self.datasets.pop(role, None)
+            if previous is not None:
+                previous.close()  # type: ignore[attr-defined]
+            self.datasets[role] = self._build_dataset(role)
+
+    def check(self, stage: str, model: Any = None) -> tuple[str, ...]:
+        """Find, open, scan and check every volume of ``stage`` (``"fit"``: train and val, ``"validate"``,
+        ``"test"``, ``"predict"``) against ``model`` (default: the trainer's; its ``in_channels``, ``out_channels``,
+        ``ignore_index``), raising a ConfigurationError on the first problem. Returns the roles checked.
+
+        ``setup()`` calls it; the ``unet3d`` command calls it once more before training starts, so that a mistake
+        stops the run before anything (logs, checkpoints) is written. Files already scanned with the same settings
+        are not read again.
+        """
         roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[stage]
         if stage == "fit":
             for role in roles:
@@ -302,45 +468,48 @@ class HDF5DataModule(pl.LightningDataModule):
                     )
         elif not self.paths[roles[0]]:
             raise ConfigurationError(f"data.{roles[0]}_paths is empty: {stage} needs at least one volume")
-        spec = self._model_spec()
+        spec = self._model_spec(model)
         for role in roles:
             self.volumes[role] = self._load_volumes(role, spec)
         labelled = [v for role in roles if role != "predict" for v in self.volumes[role]]
-        check_consistent(labelled, "label_kind", "label type (class_ids = 3D, binary = 4D)")
+        kinds = {"class_ids": "3D class ids", "binary": "4D binary masks"}
+        check_consistent(labelled, "label_kind", "labels as", "label_internal_path", kinds.get)
+        # Without a model to compare with, the volumes must at least agree among themselves.
+        check_consistent(labelled, "label_channels", "mask channel count", "label_internal_path")
         check_consistent([v for role in roles for v in self.volumes[role]], "channels", "raw channel count")
-        if self.seed is None:
-            self.seed = torch.initial_seed() % 2**31
-            if self.trainer is not None and self.trainer.world_size > 1:
-                # Shards are disjoint only if every rank shuffles with the same seed.
-                self.seed = int(self.trainer.strategy.broadcast(self.seed, src=0))
         for role in roles:
-            self.datasets[role] = self._build_dataset(role)
+            self._shapes(role)  # a missing patch shape is a configuration error too
+        return roles
 
     def _load_volumes(self, role: str, spec: dict[str, Any]) -> list[Volume]:
         labelled = role != "predict"
+        percentiles = self.percentiles if self.normalization == "percentile" else None
         volumes = []
         for path in resolve_paths(self.paths[role], role):
-            key = (role, str(path.resolve()))
-            if key in self._scanned:  # validate/test after fit: the files were checked already
-                volumes.append(self._scanned[key])
-                continue
-            volume = open_volume(
-                path, role, self.raw_internal_path,
-                self.label_internal_path if labelled else None,
-                self.weight_internal_path if labelled else None,
-            )
-            if spec["in_channels"] is not None and volume.channels != spec["in_channels"]:
-                raise ConfigurationError(
-                    f"{volume.describe(volume.raw_internal_path)} has {volume.channels} channel(s) but the model has "
-                    f"in_channels={spec['in_channels']}"
+            # A file is read in full once per setup settings, whichever roles use it (validation often reuses
+            # training files) and however often setup runs (validate/test after fit).
+            key = (str(path.resolve()), labelled, tuple(sorted(spec.items())), percentiles)
+            volume = self._scanned.get(key)
+            if volume is None:
+                volume = open_volume(
+                    path, role, self.raw_internal_path,
+                    self.label_internal_path if labelled else None,
+                    self.weight_internal_path if labelled else None,
                 )
-            scan_volume(
-                volume, out_channels=spec["out_channels"], ignore_index=spec["ignore_index"],
-                percentiles=self.percentiles if self.normalization == "percentile" else None,
-            )
-            if self.in_memory:
-                load_arrays(volume)
-            self._scanned[key] = volume
+                if spec["in_channels"] is not None and volume.channels != spec["in_channels"]:
+                    raise ConfigurationError(
+                        f"{volume.describe(volume.raw_internal_path)} has {volume.channels} channel(s) but the model "
+                        f"has in_channels={spec['in_channels']}"
+                    )
+                scan_volume(
+                    volume, out_channels=spec["out_channels"], ignore_index=spec["ignore_index"],
+                    percentiles=percentiles,
+                )
+                if self.in_memory:
+                    load_arrays(volume)
+                self._scanned[key] = volume
+            if volume.role != role:
+                volume = dataclasses.replace(volume, role=role)  # shares the in-memory arrays
             volumes.append(volume)
         return volumes
 
@@ -367,7 +536,10 @@ class HDF5DataModule(pl.LightningDataModule):
         try:
             return patch_grid(shape, patch, stride)
         except ValueError as err:
-            raise ConfigurationError(f"{volume.name} (shape {volume.spatial_shape}), {role} patches: {err}") from None
+            raise ConfigurationError(
+                f"{volume.describe(volume.raw_internal_path)} has spatial shape {volume.spatial_shape} and {role} "
+                f"patch {list(patch)}, stride {list(stride)}: {err}"
+            ) from None
 
     def _build_dataset(self, role: str) -> Dataset:
         patch, stride = self._shapes(role)
@@ -386,7 +558,8 @@ class HDF5DataModule(pl.LightningDataModule):
             locations.extend((v, s) for s in grid)
         if not locations:
             raise ConfigurationError(
-                f"no {role} patches left: min_foreground_fraction={self.min_foreground_fraction} rejected them all"
+                f"no {role} patches left: data.min_foreground_fraction={self.min_foreground_fraction} rejected all "
+                f"patches of {len(volumes)} volume(s); lower it or raise data.empty_patch_keep_share"
             )
         transforms = self.augmentation.build() if role == "train" else None
         return PatchDataset(volumes, locations, self.normalization, transforms or None)
@@ -405,31 +578,63 @@ class HDF5DataModule(pl.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def _loader(self, role: str, sampler: ShardedSampler) -> DataLoader:
+    def _dataset(self, role: str) -> Dataset:
         if role not in self.datasets:
-            raise ConfigurationError(f"no {role} data: call setup() with the matching stage first")
-        return DataLoader(
-            self.datasets[role],
+            stage = {"train": "fit", "val": "fit or validate", "test": "test", "predict": "predict"}[role]
+            raise ConfigurationError(f"no {role} data: call setup({stage!r}) first")
+        return self.datasets[role]
+
+    def _loader(
+        self, role: str, sampler: ShardedSampler, progress: Callable[[], tuple[int, int]] | None = None
+    ) -> DataLoader:
+        return PatchLoader(
+            self._dataset(role),
+            progress=progress,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
+            # Workers live across epochs: their open files and chunk caches, and the in-memory volumes copied to
+            # them, are not rebuilt every epoch. The sampler runs in this process, so set_epoch still takes effect.
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        n = len(self.datasets["train"])
+        n = len(self._dataset("train"))
         if n < world:
-            raise ConfigurationError(f"only {n} training patches for {world} devices; use smaller strides or fewer devices")
+            raise ConfigurationError(
+                f"only {n} training patches for {world} devices; use smaller strides or fewer devices"
+            )
         sampler = ShardedSampler(
             n, shuffle=True, seed=self.seed or 0, rank=rank, world_size=world, drop_uneven=True, with_seeds=True
         )
-        return self._loader("train", sampler)
+        return self._loader("train", sampler, self._training_progress)
+
+    def _training_progress(self) -> tuple[int, int]:
+        """Batches the trainer finished in the current epoch, and batches per epoch (for resumable loaders)."""
+        trainer = self.trainer
+        try:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[union-attr]
+            return int(done), int(trainer.num_training_batches)  # type: ignore[union-attr]
+        except (AttributeError, TypeError, ValueError, OverflowError):
+            return 0, len(self.datasets["train"])  # no Lightning trainer: nothing to resume
 
     def _ordered(self, role: str) -> DataLoader:
         rank, world = self._rank_world()
-        return self._loader(role, ShardedSampler(len(self.datasets[role]), rank=rank, world_size=world))
+        # Every rank runs the same number of batches (flagged duplicates fill the last round), as Lightning's
+        # epoch-end metric syncs and the writer's band reductions need; the flags keep every patch counted once.
+        sampler = ShardedSampler(len(self._dataset(role)), rank=rank, world_size=world, pad_uneven=world > 1)
+        return self._loader(role, sampler)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move patches to the device; patch locations and flags stay on the CPU, where the prediction writer reads
+        them every batch (reading them back from a GPU would synchronise the device each time)."""
+        if isinstance(batch, dict):
+            keep = {k: batch[k] for k in ("volume", "start", "padding") if k in batch}
+            rest = {k: v for k, v in batch.items() if k not in keep}
+            return {**super().transfer_batch_to_device(rest, device, dataloader_idx), **keep}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def val_dataloader(self) -> DataLoader:
         return self._ordered("val")
@@ -440,36 +645,61 @@ class HDF5DataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._ordered("predict")
 
+    def teardown(self, stage: str) -> None:
+        """Close the HDF5 files this process opened (``num_workers=0``); workers close theirs when they exit."""
+        for dataset in self.datasets.values():
+            close = getattr(dataset, "close", None)
+            if close is not None:
+                close()
+
 
 def foreground_fractions(volume: Volume, grid: list, patch: Shape3, ignore_index: int | None) -> list[float]:
-    """Foreground share of each patch, reading each z-range of the label once and summing columns with an
-    integral image (a patch's foreground count is then four lookups)."""
+    """Foreground share of each patch of ``grid``: ``(foreground voxels in the patch) / (voxels in the patch)``.
+
+    A voxel is foreground when its class id is not 0 (3D labels) or any of its mask channels is 1 (4D labels), and
+    it is not ignored (its label, or for 4D labels any channel, equals ``ignore_index``); ignored voxels still count
+    in the patch's size.
+
+    Each distinct z-range of the grid is read once, summed along z into a ``(H, W)`` image and turned into an
+    integral image ``S`` (``S[y, x]`` = sum over rows ``< y`` and columns ``< x``), so a patch's count is the four
+    lookups ``S[y1, x1] - S[y0, x1] - S[y1, x0] + S[y0, x0]``.
+
+    Args:
+        volume: a labelled volume.
+        grid: patch slices in z-major order (as :func:`~unet3d_lightning.data.patches.patch_grid` lists them).
+        patch: the patch shape.
+        ignore_index: label value that is never foreground. Default: none.
+    """
     key = volume.label_internal_path
     if key is None:
         raise ConfigurationError(f"{volume.name}: min_foreground_fraction needs labels")
     cache = _FileCache()
-    fractions = []
-    by_z: dict[slice, np.ndarray] = {}
-    for slices in grid:
-        zs = slices[0]
-        if zs not in by_z:
-            by_z.clear()  # grid is z-major: one z-range is live at a time
-            full = (zs, slice(None), slice(None))
-            label = _read_region(volume, cache, key, full, volume.label_kind == "binary")
-            if label.ndim == 4:
-                fg = (label == 1).any(axis=0)
-                valid = True if ignore_index is None else (label != ignore_index).all(axis=0)
-            else:
-                fg = label != 0
-                valid = True if ignore_index is None else label != ignore_index
-            fg &= valid
-            columns = np.pad(fg.sum(axis=0).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-            by_z[zs] = columns
-        columns = by_z[zs]
-        ys, xs = slices[1], slices[2]
-        count = columns[ys.stop, xs.stop] - columns[ys.start, xs.stop] - columns[ys.stop, xs.start] + columns[ys.start, xs.start]
-        fractions.append(float(count) / (patch[0] * patch[1] * patch[2]))
-    return fractions
+    try:
+        fractions = []
+        current: tuple[int, int] | None = None
+        columns = np.zeros((1, 1), np.int64)
+        for slices in grid:
+            zs, ys, xs = slices
+            if (zs.start, zs.stop) != current:  # z-major grid: each z-range is read once
+                current = (zs.start, zs.stop)
+                label = _read_region(volume, cache, key, (zs, slice(None), slice(None)), volume.label_kind == "binary")
+                if label.ndim == 4:
+                    fg = (label == 1).any(axis=0)
+                    if ignore_index is not None:
+                        fg &= (label != ignore_index).all(axis=0)
+                else:
+                    fg = label != 0
+                    if ignore_index is not None:
+                        fg &= label != ignore_index
+                columns = np.pad(fg.sum(axis=0, dtype=np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+            count = (
+                columns[ys.stop, xs.stop] - columns[ys.start, xs.stop]
+                - columns[ys.stop, xs.start] + columns[ys.start, xs.start]
+            )
+            fractions.append(float(count) / (patch[0] * patch[1] * patch[2]))
+        return fractions
+    finally:
+        cache.close()
 
 
 def _shape(value: Sequence[int] | None, name: str) -> Shape3 | None:

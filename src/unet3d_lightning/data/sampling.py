@@ -1,8 +1,10 @@
 """Samplers that shard patches over DDP ranks and give every training sample its own augmentation seed.
 
 Why not Lightning's automatic ``DistributedSampler``: it pads validation and prediction with duplicated samples,
-which biases metrics and would stitch a patch twice. The datamodule turns Lightning's replacement off
-(``use_distributed_sampler=False`` is set by the CLI) and builds these, which know the rank and world size.
+which biases metrics and would stitch a patch twice. :class:`ShardedSampler` knows the rank and world size itself.
+It subclasses ``DistributedSampler`` only so that Lightning recognises it as already distributed and leaves it in
+place even when ``Trainer(use_distributed_sampler=True)`` (the default outside the ``unet3d`` CLI): wrapping it in
+another distributed sampler would shard every rank's share again and silently drop most of the data.
 
 Why per-sample seeds: augmentation randomness drawn inside DataLoader workers depends on which worker handles which
 sample, so results would change with ``num_workers``. Here the sampler, which runs in the main process, draws a seed
@@ -14,22 +16,46 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data.distributed import DistributedSampler
 
 
-class ShardedSampler(Sampler):
+class PaddingIndex(int):
+    """An index yielded only to even out the ranks' shares: a duplicate whose sample must not be counted.
+
+    It compares equal to the plain index it repeats; datasets flag the sample (``"padding": True``) so that
+    validation metrics skip it and the prediction writer does not stitch it twice.
+    """
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple:  # DataLoader workers receive it pickled: keep the type
+        return (PaddingIndex, (int(self),))
+
+
+class ShardedSampler(DistributedSampler):
     """Indices ``0 .. num_items-1`` (optionally shuffled per epoch), rank ``r`` taking positions ``r, r+W, r+2W, …``.
 
+    Every rank computes the same order from ``(seed, epoch)``, so the ranks' shares are disjoint without any
+    communication.
+
     Args:
-        num_items: dataset length.
-        shuffle: new random order every epoch (training). Default False.
-        seed: seed of the order and of the per-sample seeds; must be the same on every rank. Default 0.
-        rank, world_size: this process's DDP rank and the number of ranks. Default 0, 1.
-        drop_uneven: drop the last ``num_items % world_size`` positions so that every rank runs the same number of
-            steps and no sample is duplicated (training; a different remainder is dropped each shuffled epoch).
-            Without it ranks may differ by one item (validation, prediction). Default False.
-        with_seeds: yield ``(index, sample_seed)`` pairs instead of plain indices. Default False.
+        num_items: dataset length, ``>= 0``.
+        shuffle: new random order every epoch (training). Default False: ``0, 1, 2, …`` (validation, prediction; the
+            stitcher needs each volume's patches in grid order).
+        seed: seed of the order and of the per-sample seeds, an integer; must be the same on every rank. Default 0.
+        rank, world_size: this process's DDP rank and the number of ranks, ``0 <= rank < world_size``. Default 0, 1.
+        drop_uneven: drop the last ``num_items % world_size`` positions of the order so that every rank runs the
+            same number of steps and no sample is duplicated (training; shuffling drops different items each epoch).
+            Without it ranks may differ by one item and every item is yielded exactly once over all ranks
+            (validation, prediction). Default False.
+        with_seeds: yield ``(index, sample_seed)`` pairs, ``0 <= sample_seed < 2**62``, instead of plain indices.
+            Default False.
+        pad_uneven: give every rank ``ceil(num_items / world_size)`` items by appending, on the ranks that are one
+            short, a :class:`PaddingIndex` repeating an item of the start of the order (validation, test and
+            prediction under DDP: Lightning needs every rank to run the same number of batches, or at least one,
+            for its epoch-end collectives; the padding is flagged so that nothing counts twice). Default False.
     """
 
     def __init__(
@@ -42,36 +68,70 @@ class ShardedSampler(Sampler):
         world_size: int = 1,
         drop_uneven: bool = False,
         with_seeds: bool = False,
+        pad_uneven: bool = False,
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if drop_uneven and pad_uneven:
+            raise ValueError("drop_uneven and pad_uneven exclude each other")
+        if pad_uneven and with_seeds:
+            raise ValueError("pad_uneven is for unaugmented (ordered) shares; it does not combine with with_seeds")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size) for world_size {world_size}")
+        if num_items < 0:
+            raise ValueError(f"num_items {num_items} must be >= 0")
+        # DistributedSampler's own state (num_samples, total_size) describes its padding scheme, which this class
+        # does not use; __iter__ and __len__ below are the ones that count.
+        super().__init__(
+            range(num_items), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=int(seed),
+            drop_last=drop_uneven,
+        )
         self.num_items = num_items
-        self.shuffle = shuffle
         self.seed = int(seed)
-        self.rank = rank
         self.world_size = world_size
         self.drop_uneven = drop_uneven
         self.with_seeds = with_seeds
-        self.epoch = 0
+        self.pad_uneven = pad_uneven
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every epoch."""
-        self.epoch = epoch
+        """Select the order of epoch ``epoch``; Lightning calls it at the start of every epoch."""
+        self.epoch = int(epoch)
+
+    def skip_next(self, items: int) -> None:
+        """Make the next iteration start ``items`` positions into this rank's share (resuming mid-epoch).
+
+        The skipped items are not yielded (nor read); the ones after them come with the indices and seeds they have
+        in a full iteration. Applies to the next iteration only.
+        """
+        if items < 0:
+            raise ValueError(f"items {items} must be >= 0")
+        self.skip = int(items)
 
     def _used(self) -> int:
         return self.num_items - self.num_items % self.world_size if self.drop_uneven else self.num_items
 
     def __len__(self) -> int:
-        used = self._used()
-        return len(range(self.rank, used, self.world_size))
+        if self.pad_uneven and self.num_items:
+            return -(-self.num_items // self.world_size)
+        return len(range(self.rank, self._used(), self.world_size))
+
+    def _generator(self) -> torch.Generator:
+        # SeedSequence mixes (seed, epoch) into a well-spread 64-bit seed for any integer seed (no overflow, and
+        # seed s at epoch e + 1 does not reuse the order of seed s + 1 at epoch e as an affine formula could).
+        state = np.random.SeedSequence([self.seed % 2**64, self.epoch]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator()
+        generator.manual_seed(int(state))
+        return generator
 
     def __iter__(self) -> Iterator:
-        generator = torch.Generator()
-        generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = self._generator()
         order = torch.randperm(self.num_items, generator=generator) if self.shuffle else torch.arange(self.num_items)
-        positions = range(self.rank, self._used(), self.world_size)
+        pick = slice(self.rank + self.skip * self.world_size, self._used(), self.world_size)
+        self.skip = 0
         if not self.with_seeds:
-            return iter(order[positions.start : positions.stop : positions.step].tolist())
+            items = order[pick].tolist()
+            if self.pad_uneven and self.num_items and self.rank >= self.num_items % self.world_size > 0:
+                items.append(PaddingIndex(int(order[self.rank % self.num_items])))
+            return iter(items)
+        # Drawn for all positions (not only this rank's) so a sample's seed is the same whatever the world size.
         seeds = torch.randint(0, 2**62, (self.num_items,), generator=generator)
-        pick = slice(positions.start, positions.stop, positions.step)
         return iter(zip(order[pick].tolist(), seeds[pick].tolist()))

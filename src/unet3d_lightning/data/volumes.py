@@ -17,7 +17,7 @@ from __future__ import annotations
 import glob
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,28 +29,57 @@ from ..errors import ConfigurationError
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 # h5py's default chunk cache is 1 MiB: too small to hold the chunks that overlapping patches share, so neighbouring
-# patches would decompress the same chunks again. 64 MiB per open file keeps a band of chunks hot.
+# patches would read and decompress the same chunks again. The size applies to every open *dataset*, and HDF5 drops
+# a dataset's cache when the dataset is closed, so readers must keep their datasets open (see the datamodule).
 CHUNK_CACHE_BYTES = 64 * 1024**2
-# Voxels read per block while scanning a volume: bounds the scan's memory whatever the volume's size.
-SCAN_BLOCK_VOXELS = 32 * 1024**2
+# Hash slots of the chunk cache: a prime well above the number of chunks that fit (HDF5's advice), so few collide.
+CHUNK_CACHE_SLOTS = 10007
+# Voxels read per block while scanning a volume: bounds the scan's memory whatever the volume's size (a block and
+# its float64 working copies take about 20 bytes per voxel, so about 160 MiB).
+SCAN_BLOCK_VOXELS = 8 * 1024**2
 # Voxels sampled per channel to estimate percentiles (exact order statistics of a huge volume would need it all).
 PERCENTILE_SAMPLES = 4 * 1024**2
+# What h5py raises for damaged files: OSError for unreadable bytes or failed filters (gzip, ...), RuntimeError and
+# KeyError for broken object headers or links.
+READ_ERRORS = (OSError, RuntimeError, KeyError)
 
 
 def open_h5(path: str | os.PathLike, role: str = "input") -> h5py.File:
-    """Open ``path`` read-only with a chunk cache sized for overlapping patches."""
+    """Open ``path`` read-only, with a chunk cache of ``CHUNK_CACHE_BYTES`` per dataset for overlapping patches.
+
+    Args:
+        path: the HDF5 file.
+        role: ``"train"``, ``"val"``, ``"test"`` or ``"predict"``; only used to name the file in error messages.
+            Default ``"input"``.
+
+    Raises:
+        ConfigurationError: the file does not exist, or is not a readable HDF5 file (wrong format, truncated).
+    """
     try:
-        return h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007)
+        return h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=CHUNK_CACHE_SLOTS)
     except FileNotFoundError:
         raise ConfigurationError(f"{role} volume {path}: file does not exist") from None
-    except OSError as err:
-        raise ConfigurationError(f"{role} volume {path}: cannot be read as an HDF5 file ({_short(err)})") from None
+    except READ_ERRORS as err:
+        raise ConfigurationError(
+            f"{role} volume {path}: cannot be read as an HDF5 file ({error_summary(err)}); it may be truncated or "
+            "not HDF5"
+        ) from None
 
 
 def resolve_paths(entries: Sequence[str | os.PathLike] | str | os.PathLike | None, role: str) -> list[Path]:
     """Expand files, directories (their ``*.h5``/``*.hdf5``/``*.hdf`` files) and glob patterns, in a stable order.
 
-    Raises for a path that does not exist, a pattern or directory matching no HDF5 file, and duplicates.
+    Args:
+        entries: one path or pattern, a list of them, or None (no volumes).
+        role: ``"train"``, ``"val"``, ``"test"`` or ``"predict"``, for the error messages.
+
+    Returns:
+        The files, each pattern's and directory's matches sorted by name, in the order of ``entries``; a file listed
+        twice (also through different spellings of its path) is kept once, at its first place.
+
+    Raises:
+        ConfigurationError: a path that does not exist, a pattern that matches no file, a directory holding no HDF5
+        file.
     """
     if entries is None:
         return []
@@ -68,7 +97,7 @@ def resolve_paths(entries: Sequence[str | os.PathLike] | str | os.PathLike | Non
             matches = sorted(p for p in Path(text).iterdir() if p.suffix.lower() in HDF5_SUFFIXES and p.is_file())
             if not matches:
                 raise ConfigurationError(
-                    f"{role}_paths: the directory {text} holds no HDF5 file ({', '.join(HDF5_SUFFIXES[:3])})"
+                    f"{role}_paths: the directory {text} holds no HDF5 file ({', '.join(HDF5_SUFFIXES)})"
                 )
             paths.extend(matches)
         elif Path(text).is_file():
@@ -87,18 +116,25 @@ def resolve_paths(entries: Sequence[str | os.PathLike] | str | os.PathLike | Non
 
 @dataclass(frozen=True)
 class IntensityStats:
-    """Per-channel statistics of a raw volume, computed once at setup (float64 sums over every voxel)."""
+    """Per-channel statistics of a raw volume, computed once at setup.
+
+    ``mean`` and ``std`` are exact over every voxel (float64, blocks merged with Chan et al.'s pairwise update);
+    ``low`` and ``high`` (only for percentile normalisation) are estimated from an evenly strided lattice of at most
+    about ``PERCENTILE_SAMPLES`` voxels per channel, exact for volumes up to that size.
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    # Percentiles are estimated from an evenly strided sample of at most PERCENTILE_SAMPLES voxels per channel.
     low: tuple[float, ...] = ()
     high: tuple[float, ...] = ()
 
 
 @dataclass
 class Volume:
-    """What setup learned about one HDF5 volume; cheap to pickle into DataLoader workers (holds no file handle)."""
+    """What setup learned about one HDF5 volume; cheap to pickle into DataLoader workers (holds no file handle).
+
+    ``arrays`` holds the volume's datasets by internal path when ``in_memory`` is on, and is empty otherwise.
+    """
 
     path: Path
     role: str
@@ -112,25 +148,34 @@ class Volume:
     weight_internal_path: str | None = None
     weight_is_4d: bool = False
     stats: IntensityStats | None = None
-    arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # filled when in_memory
+    arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
         return f"{self.role} volume {self.path}"
 
-    def describe(self, key: str) -> str:
+    def describe(self, key: str | None) -> str:
         return f"{self.name}: dataset '{key}'"
 
 
-def _short(err: BaseException) -> str:
+def error_summary(err: BaseException) -> str:
+    """The first line of an exception's message (h5py's carry long HDF5 error stacks), or its type name."""
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _dataset(file: h5py.File, key: str, path: Path, role: str) -> h5py.Dataset:
-    obj = file.get(key)
+    try:
+        obj = file.get(key)
+    except READ_ERRORS as err:
+        raise ConfigurationError(
+            f"{role} volume {path}: dataset '{key}' cannot be read ({error_summary(err)}); the file may be corrupt"
+        ) from None
     if not isinstance(obj, h5py.Dataset):
-        found = []
-        file.visititems(lambda name, item: found.append(name) if isinstance(item, h5py.Dataset) else None)
+        found: list[str] = []
+        try:
+            file.visititems(lambda name, item: found.append(name) if isinstance(item, h5py.Dataset) else None)
+        except READ_ERRORS:
+            pass  # a damaged file may not list fully; the datasets found so far still help
         what = "is not a dataset" if obj is not None else "does not exist"
         raise ConfigurationError(
             f"{role} volume {path}: dataset '{key}' {what}; datasets in the file: {found or 'none'}"
@@ -145,7 +190,20 @@ def open_volume(
     label_internal_path: str | None = None,
     weight_internal_path: str | None = None,
 ) -> Volume:
-    """Read a volume's metadata (shapes, dtypes) and check its structure; reads no voxel data."""
+    """Read a volume's metadata (shapes, dtypes) and check its structure; reads no voxel data.
+
+    Args:
+        path: the HDF5 file.
+        role: ``"train"``, ``"val"``, ``"test"`` or ``"predict"``, for error messages.
+        raw_internal_path: dataset of the raw image, ``(D, H, W)`` or ``(C, D, H, W)``. Default ``"raw"``.
+        label_internal_path: dataset of the labels, ``(D, H, W)`` class ids or ``(C, D, H, W)`` binary masks of the
+            raw's spatial shape. Default None: no labels (prediction).
+        weight_internal_path: dataset of per-voxel loss weights, ``(D, H, W)``, or ``(C, D, H, W)`` like 4D labels.
+            Default None.
+
+    Raises:
+        ConfigurationError: a missing or non-numeric dataset, an empty raw, shapes that do not fit together.
+    """
     with open_h5(path, role) as f:
         raw = _dataset(f, raw_internal_path, path, role)
         if raw.ndim not in (3, 4):
@@ -153,36 +211,55 @@ def open_volume(
                 f"{role} volume {path}: dataset '{raw_internal_path}' has shape {raw.shape}; expected (D, H, W) or "
                 "channel-first (C, D, H, W)"
             )
-        if not (np.issubdtype(raw.dtype, np.number) or raw.dtype == bool):
-            raise ConfigurationError(f"{role} volume {path}: dataset '{raw_internal_path}' has non-numeric dtype {raw.dtype}")
+        if not _numeric(raw.dtype):
+            raise ConfigurationError(
+                f"{role} volume {path}: dataset '{raw_internal_path}' has non-numeric dtype {raw.dtype}"
+            )
         spatial = tuple(int(s) for s in raw.shape[-3:])
-        if min(spatial) < 1 or (raw.ndim == 4 and raw.shape[0] < 1):
-            raise ConfigurationError(f"{role} volume {path}: dataset '{raw_internal_path}' is empty (shape {raw.shape})")
+        if min(raw.shape) < 1:
+            raise ConfigurationError(
+                f"{role} volume {path}: dataset '{raw_internal_path}' is empty (shape {raw.shape})"
+            )
         volume = Volume(
             path=path, role=role, raw_internal_path=raw_internal_path, spatial_shape=spatial,  # type: ignore[arg-type]
             channels=int(raw.shape[0]) if raw.ndim == 4 else 1, raw_is_4d=raw.ndim == 4,
         )
         if label_internal_path is not None:
             label = _dataset(f, label_internal_path, path, role)
-            if label.ndim not in (3, 4) or tuple(label.shape[-3:]) != spatial:
+            if label.ndim not in (3, 4) or tuple(label.shape[-3:]) != spatial or min(label.shape) < 1:
                 raise ConfigurationError(
                     f"{role} volume {path}: dataset '{label_internal_path}' has shape {label.shape} but "
                     f"'{raw_internal_path}' has spatial shape {spatial}; labels must be (D, H, W) class ids or "
                     "(C, D, H, W) binary masks of the same spatial shape"
+                )
+            if not _numeric(label.dtype):
+                raise ConfigurationError(
+                    f"{role} volume {path}: dataset '{label_internal_path}' has non-numeric dtype {label.dtype}"
                 )
             volume.label_internal_path = label_internal_path
             volume.label_kind = "class_ids" if label.ndim == 3 else "binary"
             volume.label_channels = int(label.shape[0]) if label.ndim == 4 else None
         if weight_internal_path is not None:
             weight = _dataset(f, weight_internal_path, path, role)
-            if tuple(weight.shape[-3:]) != spatial or weight.ndim not in (3, 4):
+            label_shape = f[label_internal_path].shape if label_internal_path is not None else None
+            fits = weight.ndim == 3 or (weight.ndim == 4 and label_shape is not None and len(label_shape) == 4
+                                        and weight.shape[0] == label_shape[0])
+            if tuple(weight.shape[-3:]) != spatial or not fits:
                 raise ConfigurationError(
                     f"{role} volume {path}: dataset '{weight_internal_path}' has shape {weight.shape}; per-voxel "
-                    f"weights must have the spatial shape {spatial} (or the label's (C, D, H, W))"
+                    f"weights must have the spatial shape {spatial}, as (D, H, W) or like a 4D label (C, D, H, W)"
+                )
+            if not _numeric(weight.dtype):
+                raise ConfigurationError(
+                    f"{role} volume {path}: dataset '{weight_internal_path}' has non-numeric dtype {weight.dtype}"
                 )
             volume.weight_internal_path = weight_internal_path
             volume.weight_is_4d = weight.ndim == 4
     return volume
+
+
+def _numeric(dtype: np.dtype) -> bool:
+    return bool(np.issubdtype(dtype, np.number) or dtype == bool)
 
 
 def _blocks(shape: tuple[int, int, int], channels: int) -> Iterator[slice]:
@@ -192,8 +269,21 @@ def _blocks(shape: tuple[int, int, int], channels: int) -> Iterator[slice]:
         yield slice(z, min(z + rows, shape[0]))
 
 
-def _read(dataset: h5py.Dataset, zs: slice) -> np.ndarray:
-    return dataset[:, zs] if dataset.ndim == 4 else dataset[zs]
+def _read(dataset: h5py.Dataset, zs: slice, volume: Volume, key: str | None) -> np.ndarray:
+    """z-rows ``zs`` of a 3D or 4D dataset, or a one-sentence error naming file, dataset and rows when unreadable."""
+    try:
+        return dataset[:, zs] if dataset.ndim == 4 else dataset[zs]
+    except READ_ERRORS as err:
+        raise ConfigurationError(
+            f"{volume.describe(key)} cannot be read in z rows {zs.start}-{zs.stop - 1} ({error_summary(err)}); "
+            "the file may be corrupt or truncated"
+        ) from None
+
+
+def _percentile_step(shape: tuple[int, int, int]) -> int:
+    # One stride for all axes, so the sample is an even lattice over the volume.
+    d, h, w = shape
+    return max(1, math.ceil((d * h * w / PERCENTILE_SAMPLES) ** (1 / 3)))
 
 
 def scan_volume(
@@ -203,126 +293,170 @@ def scan_volume(
     ignore_index: int | None = None,
     percentiles: tuple[float, float] | None = None,
 ) -> Volume:
-    """Read a volume once, block by block: intensity statistics, and the checks that need voxel values.
+    """Read a volume once, z-slab by z-slab: intensity statistics, and the checks that need voxel values.
 
-    Checks: no NaN/Inf in raw; class-id labels integral and in ``[0, out_channels)`` besides ``ignore_index``;
+    Args:
+        volume: from :func:`open_volume`; its ``stats`` are filled in and it is returned.
+        out_channels: the model's output channels. Default None: skip the label-value checks (no model known).
+        ignore_index: label value allowed besides the classes / mask values. Default None.
+        percentiles: ``(low, high)`` percentiles to estimate per channel. Default None: none.
+
+    Checks: raw free of NaN and Inf; class-id labels whole numbers in ``[0, out_channels)`` besides ``ignore_index``;
     binary labels with ``out_channels`` channels and values in {0, 1} besides ``ignore_index``; weights finite and
-    non-negative. ``out_channels=None`` skips the label-range checks.
+    non-negative; every slab readable.
+
+    Statistics (per channel ``c``, ``n`` voxels): ``mean_c = Σ x / n`` and ``std_c = sqrt(Σ (x - mean_c)² / n)``
+    (population standard deviation), accumulated per slab in float64 and merged with the pairwise update of Chan,
+    Golub & LeVeque (1979), ``M2 = M2_a + M2_b + δ² n_a n_b / (n_a + n_b)``, which avoids the cancellation of
+    ``E[x²] - E[x]²`` for data with a large offset.
     """
     path, role = volume.path, volume.role
     c = volume.channels
-    sums = np.zeros(c, np.float64)
-    squares = np.zeros(c, np.float64)
     count = 0
+    mean = np.zeros(c, np.float64)
+    m2 = np.zeros(c, np.float64)
+    step = _percentile_step(volume.spatial_shape) if percentiles is not None else 0
+    samples: list[np.ndarray] = []
+    raw_key, label_key, weight_key = volume.raw_internal_path, volume.label_internal_path, volume.weight_internal_path
     with open_h5(path, role) as f:
-        raw = f[volume.raw_internal_path]
-        label = f[volume.label_internal_path] if volume.label_internal_path else None
-        weight = f[volume.weight_internal_path] if volume.weight_internal_path else None
+        raw = f[raw_key]
+        label = f[label_key] if label_key else None
+        weight = f[weight_key] if weight_key else None
         if label is not None and volume.label_kind == "binary" and out_channels is not None:
             if volume.label_channels != out_channels:
                 raise ConfigurationError(
-                    f"{volume.describe(volume.label_internal_path)} has {volume.label_channels} channels (binary "
-                    f"masks) but the model has out_channels={out_channels}"
+                    f"{volume.describe(label_key)} has {volume.label_channels} channels (binary masks) but the model "
+                    f"has out_channels={out_channels}"
                 )
-        if label is not None and volume.label_kind == "class_ids" and not (
-            np.issubdtype(label.dtype, np.integer) or np.issubdtype(label.dtype, np.floating) or label.dtype == bool
-        ):
-            raise ConfigurationError(f"{volume.describe(volume.label_internal_path)} has non-numeric dtype {label.dtype}")
         for zs in _blocks(volume.spatial_shape, c):
-            try:
-                block = _read(raw, zs)
-            except OSError as err:
-                raise ConfigurationError(
-                    f"{volume.describe(volume.raw_internal_path)}: cannot read z rows {zs.start}-{zs.stop} "
-                    f"({_short(err)}); the file may be corrupt"
-                ) from None
-            block = block.reshape(c, -1) if volume.raw_is_4d else block.reshape(1, -1)
-            if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
-                bad = int((~np.isfinite(block)).sum())
-                raise ConfigurationError(
-                    f"{volume.describe(volume.raw_internal_path)} contains {bad} NaN/Inf values in z rows "
-                    f"{zs.start}-{zs.stop}; clean or mask the raw data first"
-                )
-            block = block.astype(np.float64)
-            sums += block.sum(axis=1)
-            squares += np.square(block).sum(axis=1)
-            count += block.shape[1]
-            if label is not None and out_channels is not None:
-                _check_label_block(volume, _read(label, zs), out_channels, ignore_index, zs)
-            if weight is not None:
-                w = _read(weight, zs)
-                if not np.isfinite(w).all() or (w < 0).any():
+            block = _read(raw, zs, volume, raw_key)
+            spatial = block if volume.raw_is_4d else block[None]
+            if np.issubdtype(spatial.dtype, np.floating):
+                finite = np.isfinite(spatial)
+                if not finite.all():
                     raise ConfigurationError(
-                        f"{volume.describe(volume.weight_internal_path)} has negative or non-finite weights in z rows "
-                        f"{zs.start}-{zs.stop}"
+                        f"{volume.describe(raw_key)} contains {_non_finite(spatial, finite)} in z rows "
+                        f"{zs.start}-{zs.stop - 1}; clean or mask the raw data first"
                     )
-        mean = sums / count
-        std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
-        low: tuple[float, ...] = ()
-        high: tuple[float, ...] = ()
-        if percentiles is not None:
-            low, high = _percentiles(raw, volume, percentiles)
+            if step:
+                first = (-zs.start) % step  # keeps the lattice z = 0, step, 2 step, ... across slabs
+                samples.append(spatial[:, first::step, ::step, ::step].reshape(c, -1))
+            values = spatial.reshape(c, -1).astype(np.float64)
+            n = values.shape[1]
+            block_mean = values.mean(axis=1)
+            values -= block_mean[:, None]
+            block_m2 = np.einsum("ij,ij->i", values, values)
+            delta = block_mean - mean
+            total = count + n
+            mean += delta * (n / total)
+            m2 += block_m2 + delta**2 * (count * n / total)
+            count = total
+            del values
+            if label is not None and out_channels is not None:
+                _check_label_block(volume, _read(label, zs, volume, label_key), out_channels, ignore_index)
+            if weight is not None:
+                _check_weight_block(volume, _read(weight, zs, volume, weight_key), zs)
+    std = np.sqrt(m2 / count)
+    low: tuple[float, ...] = ()
+    high: tuple[float, ...] = ()
+    if percentiles is not None:
+        sample = np.concatenate(samples, axis=1).astype(np.float64)
+        lo, hi = np.percentile(sample, percentiles, axis=1)
+        low, high = tuple(np.atleast_1d(lo).tolist()), tuple(np.atleast_1d(hi).tolist())
     volume.stats = IntensityStats(tuple(mean.tolist()), tuple(std.tolist()), low, high)
     return volume
 
 
-def _check_label_block(
-    volume: Volume, block: np.ndarray, out_channels: int, ignore_index: int | None, zs: slice
-) -> None:
-    where = f"{volume.describe(volume.label_internal_path)}"
-    valid = np.ones(block.shape, bool) if ignore_index is None else block != ignore_index
-    values = block[valid]
+def _non_finite(block: np.ndarray, finite: np.ndarray) -> str:
+    nan = int(np.isnan(block).sum())
+    inf = int((~finite).sum()) - nan
+    parts = [f"{nan} NaN"] * bool(nan) + [f"{inf} Inf"] * bool(inf)
+    return " and ".join(parts) + " value(s)"
+
+
+def _check_label_block(volume: Volume, block: np.ndarray, out_channels: int, ignore_index: int | None) -> None:
+    where = volume.describe(volume.label_internal_path)
+    values = block if ignore_index is None else block[block != ignore_index]
     if values.size == 0:
         return
     if volume.label_kind == "class_ids":
         if np.issubdtype(values.dtype, np.floating) and not np.array_equal(values, np.round(values)):
-            raise ConfigurationError(f"{where} holds non-integer values; class ids must be whole numbers")
+            bad = values[values != np.round(values)][0]
+            raise ConfigurationError(
+                f"{where} holds the non-integer value {float(bad):g}; class ids must be whole numbers"
+            )
         lo, hi = values.min(), values.max()
         if lo < 0 or hi >= out_channels:
             bad = lo if lo < 0 else hi
             extra = "" if ignore_index is None else f" (besides ignore_index {ignore_index})"
             raise ConfigurationError(
-                f"{where} holds class id {bad:g} outside [0, {out_channels}) for out_channels={out_channels}{extra}; "
-                "set model.out_channels to the number of classes or model.ignore_index for unlabelled voxels"
+                f"{where} holds class id {float(bad):g} outside [0, {out_channels}) for out_channels={out_channels}"
+                f"{extra}; set model.out_channels to the number of classes or model.ignore_index for unlabelled voxels"
             )
     else:
-        if not np.isin(values, (0, 1)).all():
-            bad = values[~np.isin(values, (0, 1))][0]
+        binary = (values == 0) | (values == 1)
+        if not binary.all():
+            bad = values[~binary][0]
             raise ConfigurationError(
-                f"{where} holds the value {bad:g} but 4D labels must be binary masks (0 or 1"
+                f"{where} holds the value {float(bad):g} but 4D labels must be binary masks (0 or 1"
                 + ("" if ignore_index is None else f", or ignore_index {ignore_index}")
                 + ")"
             )
 
 
-def _percentiles(raw: h5py.Dataset, volume: Volume, q: tuple[float, float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    d, h, w = volume.spatial_shape
-    # One stride for all axes, so the sample is an even lattice over the volume.
-    step = max(1, math.ceil((d * h * w / PERCENTILE_SAMPLES) ** (1 / 3)))
-    sample = raw[:, ::step, ::step, ::step] if volume.raw_is_4d else raw[::step, ::step, ::step][None]
-    sample = sample.reshape(sample.shape[0], -1).astype(np.float64)
-    low, high = np.percentile(sample, q, axis=1)
-    return tuple(np.atleast_1d(low).tolist()), tuple(np.atleast_1d(high).tolist())
+def _check_weight_block(volume: Volume, block: np.ndarray, zs: slice) -> None:
+    where = volume.describe(volume.weight_internal_path)
+    rows = f"z rows {zs.start}-{zs.stop - 1}"
+    if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
+        raise ConfigurationError(f"{where} contains {_non_finite(block, np.isfinite(block))} in {rows}; "
+                                 "weights must be finite")
+    negative = block < 0
+    if negative.any():
+        raise ConfigurationError(
+            f"{where} holds {int(negative.sum())} negative weight(s) (smallest {float(block.min()):g}) in {rows}; "
+            "weights must be >= 0"
+        )
 
 
 def load_arrays(volume: Volume) -> Volume:
-    """Read a volume's datasets into memory (the ``in_memory`` option, for data that fits in RAM)."""
+    """Read a volume's datasets into ``volume.arrays`` (the ``in_memory`` option, for data that fits in RAM)."""
     with open_h5(volume.path, volume.role) as f:
         for key in (volume.raw_internal_path, volume.label_internal_path, volume.weight_internal_path):
             if key is not None:
-                volume.arrays[key] = f[key][()]
+                try:
+                    volume.arrays[key] = f[key][()]
+                except READ_ERRORS as err:
+                    raise ConfigurationError(
+                        f"{volume.describe(key)} cannot be read ({error_summary(err)}); the file may be corrupt"
+                    ) from None
     return volume
 
 
-def check_consistent(volumes: Iterable[Volume], attribute: str, what: str) -> Any:
-    """Return the common value of ``attribute`` over volumes, or raise naming the first one that differs."""
+def check_consistent(
+    volumes: Iterable[Volume],
+    attribute: str,
+    what: str,
+    dataset: str | None = None,
+    show: Callable[[Any], str] = repr,
+) -> Any:
+    """Return the common value of ``attribute`` over volumes, or raise naming the first one that differs.
+
+    Args:
+        volumes: the volumes to compare.
+        attribute: the :class:`Volume` attribute that must agree (``"channels"``, ``"label_kind"``, ...).
+        what: how the message calls it ("has {what} {value}").
+        dataset: the :class:`Volume` attribute holding the internal path of the dataset the value comes from
+            (``"raw_internal_path"``, ``"label_internal_path"``), so the message names it. Default None: the raw.
+        show: how the message writes a value. Default ``repr``.
+    """
     first: Volume | None = None
+    key = dataset or "raw_internal_path"
     for volume in volumes:
         if first is None:
             first = volume
         elif getattr(volume, attribute) != getattr(first, attribute):
             raise ConfigurationError(
-                f"{volume.name} has {what} {getattr(volume, attribute)!r} but {first.name} has "
-                f"{getattr(first, attribute)!r}; all volumes must agree"
+                f"{volume.describe(getattr(volume, key))} has {what} {show(getattr(volume, attribute))} but "
+                f"{first.describe(getattr(first, key))} has {show(getattr(first, attribute))}; all volumes must agree"
             )
     return None if first is None else getattr(first, attribute)
