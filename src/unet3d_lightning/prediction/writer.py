@@ -3,7 +3,8 @@
 For each input volume ``<dir>/<stem>.h5`` it writes ``<output_dir>/<stem>_predictions.h5`` holding
 
 - ``predictions``: ``(C, D, H, W)`` probabilities (the model's ``final_activation``: softmax for class-id
-  labels, per-channel sigmoid for binary masks), float32 by default, chunked and compressed;
+  labels, per-channel sigmoid for binary masks), float32 by default, in chunks of one channel and up to
+  ``CHUNK_ZYX`` = 16 x 256 x 256 voxels, compressed with HDF5's standard shuffle + gzip (or lzf) filters;
 - ``segmentation`` (``save_segmentation=True``): ``(D, H, W)`` argmax class ids (softmax models) or
   ``(C, D, H, W)`` masks thresholded at 0.5 (sigmoid models), uint8 (uint16 beyond 255 classes).
 
@@ -12,7 +13,10 @@ never leaves a truncated file under the final name.
 
 Patches arrive from the predict dataloader in z-major order, volume after volume. The writer feeds them to a
 :class:`~unet3d_lightning.prediction.stitcher.StreamingStitcher` on the model's device and writes each z-slab as
-soon as it is final, from a background thread (HDF5 compression overlaps the next batches' compute). Under DDP each
+soon as it is final. Slabs leave the device through asynchronous copies to pinned memory; a background thread
+gathers them into whole rows of chunks, which a small thread pool deflates in parallel (HDF5's own gzip filter is
+single-threaded and, at tens of MB/s, would be slower than a GPU produces output) and stores with
+``write_direct_chunk``; the file is an ordinary gzip-filtered HDF5 file that any reader opens. Under DDP each
 rank stitches its own share of the patches and the ranks sum every band (``trainer.strategy.reduce``) before it is
 normalised; rank 0 writes. The result equals the single-device file up to float32 summation order.
 
@@ -28,7 +32,10 @@ import os
 import queue
 import threading
 import time
+import zlib
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +50,14 @@ from ..errors import ConfigurationError
 from .stitcher import StreamingStitcher
 
 OUTPUT_SUFFIX = "_predictions.h5"
+# Output chunk shape (z, y, x), clipped to the volume; one channel per chunk. 16 x 256 x 256 float32 is 4 MiB: large
+# enough for good compression, small enough that a row of chunks (buffered before it is written) stays modest.
+CHUNK_ZYX = (16, 256, 256)
+GZIP_LEVEL = 1
+# Threads deflating chunks. Compression runs beside the model (and, on a CPU-only run, competes with it for cores).
+COMPRESSION_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
+# Compressed chunks waiting to be stored before the writer thread blocks on the oldest: bounds the memory they hold.
+MAX_PENDING_CHUNKS = 4 * COMPRESSION_THREADS
 
 
 def output_path(output_dir: str | os.PathLike, volume_path: str | os.PathLike) -> Path:
@@ -65,9 +80,11 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
 
 
 class _BackgroundWriter:
-    """One thread performing the HDF5 writes of one file in order; errors resurface in the caller."""
+    """One thread running the jobs of one output file in order; the first error resurfaces in the caller."""
 
-    def __init__(self, max_pending: int = 4) -> None:
+    def __init__(self, max_pending: int = 2) -> None:
+        # Each queued job holds one slab (C x stride_z x H x W float32, tens of MB for wide volumes). When the writes
+        # are the bottleneck a deeper queue adds memory, not speed; two keeps the device busy across one slow write.
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="unet3d-hdf5-writer", daemon=True)
@@ -98,48 +115,161 @@ class _BackgroundWriter:
             raise self._error
 
 
+def _shuffle_bytes(array: np.ndarray) -> np.ndarray:
+    """HDF5's shuffle filter: byte ``k`` of every element, for ``k = 0 .. itemsize - 1``, one group after another.
+
+    Grouping the exponent bytes of float data together makes it compress better and faster.
+    """
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if array.itemsize == 1:
+        return flat
+    return np.ascontiguousarray(flat.view(np.uint8).reshape(-1, array.itemsize).T)
+
+
+def _deflate(chunk: np.ndarray) -> bytes:
+    # HDF5's deflate filter stores a zlib stream, what zlib.compress returns; zlib releases the GIL while it works,
+    # so several chunks compress in parallel threads.
+    return zlib.compress(_shuffle_bytes(chunk), GZIP_LEVEL)
+
+
+class _ChunkRowDataset:
+    """One output dataset, ``(D, H, W)`` or ``(C, D, H, W)``, filled in z order by rows of whole chunks.
+
+    Rows ``[z0, z1)`` are buffered until they complete a row of chunks (``CHUNK_ZYX[0]`` z-rows, or up to ``D`` at the
+    end). With gzip each chunk of a complete row is byte-shuffled and deflated in a thread pool and stored as is
+    (``write_direct_chunk``), so compression, HDF5's slowest step, runs on several cores; without compression (or
+    with lzf, which only HDF5 implements) the row is written through h5py.
+    """
+
+    def __init__(
+        self, file: h5py.File, name: str, shape: tuple[int, ...], dtype: str, compression: str | None,
+        pool: ThreadPoolExecutor | None,
+    ) -> None:
+        self.channel_axis = len(shape) == 4
+        zyx = shape[-3:]
+        self.chunks = ((1,) if self.channel_axis else ()) + tuple(min(n, c) for n, c in zip(zyx, CHUNK_ZYX))
+        opts: dict[str, Any] = {}
+        if compression == "gzip":
+            opts = {"compression": "gzip", "compression_opts": GZIP_LEVEL, "shuffle": True}
+        elif compression == "lzf":
+            opts = {"compression": "lzf", "shuffle": True}
+        self.dataset = file.create_dataset(name, shape=shape, dtype=dtype, chunks=self.chunks, **opts)
+        self.shape = shape
+        self.depth = zyx[0]
+        self.pool = pool if compression == "gzip" else None
+        self._row: np.ndarray | None = None  # the chunk row being filled, (C, cz, H, W) or (cz, H, W)
+        self._row_start = 0  # first z-row of _row
+        self._next = 0  # first z-row not received yet
+        self._pending: deque = deque()  # (chunk offset, future of compressed bytes), in submission order
+
+    def add(self, z0: int, z1: int, values: np.ndarray) -> None:
+        """Take rows ``[z0, z1)`` (z is axis 0, or 1 with channels); write every row of chunks they complete."""
+        if z0 != self._next:
+            raise RuntimeError(f"{self.dataset.name}: rows {z0}-{z1} arrived, rows from {self._next} were expected")
+        cz = self.chunks[-3]
+        z = z0
+        while z < z1:
+            if self._row is None:
+                # A fresh buffer per chunk row (not one reused): the chunks submitted for compression are views of
+                # it, and it must live until they are compressed.
+                self._row_start = z
+                rows = min(cz, self.depth - z)
+                shape = (self.shape[0], rows, *self.shape[2:]) if self.channel_axis else (rows, *self.shape[1:])
+                self._row = np.empty(shape, self.dataset.dtype)
+            row_z = self._row.shape[-3]
+            take = min(z1, self._row_start + row_z) - z
+            source = values[:, z - z0 : z - z0 + take] if self.channel_axis else values[z - z0 : z - z0 + take]
+            target = (slice(None),) if self.channel_axis else ()
+            self._row[(*target, slice(z - self._row_start, z - self._row_start + take))] = source
+            z += take
+            if z == self._row_start + row_z:
+                self._write(self._row_start, self._row)
+                self._row = None
+        self._next = z1
+
+    def _write(self, z0: int, rows: np.ndarray) -> None:
+        """Write rows starting at ``z0``, a multiple of the chunk depth, covering whole chunk rows."""
+        if self.pool is None:
+            index = (slice(None), slice(z0, z0 + rows.shape[1])) if self.channel_axis else slice(z0, z0 + rows.shape[0])
+            self.dataset[index] = rows
+            return
+        chunk = self.chunks
+        full = rows if self.channel_axis else rows[None]
+        _, dz, height, width = full.shape
+        _, cz, cy, cx = chunk if self.channel_axis else (1, *chunk)
+        for c in range(full.shape[0]):
+            for z in range(0, dz, cz):
+                for y in range(0, height, cy):
+                    for x in range(0, width, cx):
+                        block = full[c, z : z + cz, y : y + cy, x : x + cx]
+                        if block.shape != (cz, cy, cx):
+                            # Edge chunks are stored full size; the part beyond the dataset is never read.
+                            padded = np.zeros((cz, cy, cx), block.dtype)
+                            padded[: block.shape[0], : block.shape[1], : block.shape[2]] = block
+                            block = padded
+                        offset = ((c,) if self.channel_axis else ()) + (z0 + z, y, x)
+                        self._pending.append((offset, self.pool.submit(_deflate, block)))
+        self._store(keep=MAX_PENDING_CHUNKS)
+
+    def _store(self, keep: int) -> None:
+        """Store finished chunks in submission order until at most ``keep`` are pending (bounds memory)."""
+        while self._pending and (len(self._pending) > keep or self._pending[0][1].done()):
+            offset, future = self._pending.popleft()
+            self.dataset.id.write_direct_chunk(offset, future.result())
+
+    def close(self) -> None:
+        if self._next != self.depth:
+            raise RuntimeError(f"{self.dataset.name}: only rows 0-{self._next} of {self.depth} were written")
+        self._store(keep=0)
+
+
 class _VolumeOutput:
-    """The temporary HDF5 file of one volume while it is being written."""
+    """The temporary HDF5 file of one volume while it is being written; renamed to its final name when complete."""
 
     def __init__(
         self, final: Path, shape: Sequence[int], channels: int, dtype: str, segmentation: str | None,
-        compression: str | None,
+        compression: str | None, pool: ThreadPoolExecutor | None,
     ) -> None:
         self.final = final
         self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         self.file = h5py.File(self.tmp, "w")
-        d, h, w = shape
-        opts = {"compression": compression, "compression_opts": 1 if compression == "gzip" else None}
-        opts = {k: v for k, v in opts.items() if v is not None}
-        # One chunk: one channel, a few z-rows, a wide y/x tile — slabs are written in z order.
-        chunks = (1, min(d, 16), min(h, 256), min(w, 256))
-        self.scale = 255.0 if dtype == "uint8" else 1.0
-        self.predictions = self.file.create_dataset(
-            "predictions", shape=(channels, d, h, w), dtype=dtype, chunks=chunks, **opts
-        )
-        self.predictions.attrs["scale"] = self.scale  # probabilities = stored values / scale
-        self.segmentation = None
-        if segmentation == "argmax":
-            seg_dtype = "uint8" if channels <= 256 else "uint16"
-            self.segmentation = self.file.create_dataset(
-                "segmentation", shape=(d, h, w), dtype=seg_dtype, chunks=chunks[1:], **opts
-            )
-        elif segmentation == "threshold":
-            self.segmentation = self.file.create_dataset(
-                "segmentation", shape=(channels, d, h, w), dtype="uint8", chunks=chunks, **opts
-            )
+        try:
+            d, h, w = (int(n) for n in shape)
+            self.scale = 255.0 if dtype == "uint8" else 1.0
+            self.predictions = _ChunkRowDataset(self.file, "predictions", (channels, d, h, w), dtype, compression, pool)
+            self.predictions.dataset.attrs["scale"] = self.scale  # probabilities = stored values / scale
+            self.segmentation: _ChunkRowDataset | None = None
+            self.segmentation_kind = segmentation
+            if segmentation == "argmax":
+                seg_dtype = "uint8" if channels <= 256 else "uint16"
+                self.segmentation = _ChunkRowDataset(self.file, "segmentation", (d, h, w), seg_dtype, compression, pool)
+            elif segmentation == "threshold":
+                self.segmentation = _ChunkRowDataset(
+                    self.file, "segmentation", (channels, d, h, w), "uint8", compression, pool
+                )
+        except BaseException:
+            self.discard()
+            raise
 
     def write(self, z0: int, z1: int, probabilities: np.ndarray, segmentation: np.ndarray | None) -> None:
-        if self.scale != 1.0:
-            probabilities = np.rint(probabilities * self.scale)
-        self.predictions[:, z0:z1] = probabilities.astype(self.predictions.dtype, copy=False)
-        if self.segmentation is not None and segmentation is not None:
-            if self.segmentation.ndim == 3:
-                self.segmentation[z0:z1] = segmentation
+        """Store rows ``[z0, z1)``: float32 ``(C, z1 - z0, H, W)`` probabilities and, if computed already (on the
+        device), their segmentation; otherwise the segmentation is derived here."""
+        if self.segmentation is not None and segmentation is None:
+            if self.segmentation_kind == "argmax":
+                segmentation = probabilities.argmax(0).astype(self.segmentation.dataset.dtype)
             else:
-                self.segmentation[:, z0:z1] = segmentation
+                segmentation = (probabilities > 0.5).astype(np.uint8)
+        if self.scale != 1.0:
+            probabilities = np.clip(np.rint(probabilities * self.scale), 0, self.scale)
+        # The chunk-row buffers have the storage dtype: copying into them is the cast.
+        self.predictions.add(z0, z1, probabilities)
+        if self.segmentation is not None:
+            self.segmentation.add(z0, z1, segmentation)
 
     def commit(self) -> None:
+        self.predictions.close()
+        if self.segmentation is not None:
+            self.segmentation.close()
         self.file.close()
         os.replace(self.tmp, self.final)
 
@@ -215,6 +345,7 @@ class PredictionWriter(Callback):
         self._bar: Any = None
         self._voxels = 0
         self._start = 0.0
+        self._pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -240,6 +371,7 @@ class PredictionWriter(Callback):
                     "rename one or predict them in separate runs"
                 )
             finals[final] = plan.volume.path
+        self._check_halo(plans, int(pl_module.hparams.out_channels))
         self._plans = list(plans)
         pl_module.predict_tta = self.tta
         self._start = time.perf_counter()
@@ -258,8 +390,17 @@ class PredictionWriter(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         probabilities: torch.Tensor = outputs["probabilities"]
-        volumes = torch.as_tensor(outputs["volume"]).tolist()
-        starts = torch.as_tensor(outputs["start"]).cpu()
+        # One host copy for both: when the locations arrive on an accelerator, each copy is a synchronisation.
+        where = torch.cat(
+            [torch.as_tensor(outputs["volume"]).reshape(-1, 1), torch.as_tensor(outputs["start"]).reshape(-1, 3)], 1
+        ).cpu()
+        padding = outputs.get("padding")
+        if padding is not None and bool(torch.as_tensor(padding).any()):
+            # DDP padding duplicates (ShardedSampler pad_uneven): another rank stitches the real patch.
+            real = ~torch.as_tensor(padding).cpu()
+            where, probabilities = where[real], probabilities[real.to(probabilities.device)]
+        volumes = where[:, 0].tolist()
+        starts = where[:, 1:]
         i = 0
         while i < len(volumes):
             v = volumes[i]
@@ -278,6 +419,7 @@ class PredictionWriter(Callback):
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.predict_tta = False
+        self._close_pool()
         if trainer.is_global_zero and self.written:
             seconds = time.perf_counter() - self._start
             lines = [f"predict finished: {len(self.written)} volume(s), {self._voxels / max(seconds, 1e-9):,.0f} "
@@ -295,7 +437,25 @@ class PredictionWriter(Callback):
             self._output.discard()
         if self._bar is not None:
             self._bar.close()
+        pl_module.predict_tta = False
+        self._close_pool()
         self._reset()
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _check_halo(self, plans: Sequence[Any], channels: int) -> None:
+        """Build (without allocating) each volume's stitcher now, so that a halo the grid cannot take fails before
+        any patch is predicted rather than after the first batch."""
+        for plan in plans:
+            try:
+                StreamingStitcher(plan.volume.spatial_shape, plan.grid, channels, blend=self.blend, halo=self.halo)
+            except ValueError as err:
+                raise ConfigurationError(
+                    f"prediction.halo {list(self.halo)} does not fit the patch grid of {plan.volume.path}: {err}"
+                ) from None
 
     # ------------------------------------------------------------------------------------------------ volumes
     def _advance_to(self, trainer: pl.Trainer, pl_module: pl.LightningModule, volume: int) -> None:
@@ -334,9 +494,11 @@ class PredictionWriter(Callback):
             segmentation = None
             if self.save_segmentation:
                 segmentation = "argmax" if self._activation == "softmax" else "threshold"
+            if self._pool is None and self.compression == "gzip":
+                self._pool = ThreadPoolExecutor(COMPRESSION_THREADS, thread_name_prefix="unet3d-deflate")
             self._output = _VolumeOutput(
                 output_path(self.output_dir, plan.volume.path), plan.volume.spatial_shape, channels, self.dtype,
-                segmentation, self.compression,
+                segmentation, self.compression, self._pool,
             )
             self._writer = _BackgroundWriter()
             if trainer.progress_bar_callback is not None:
@@ -348,18 +510,34 @@ class PredictionWriter(Callback):
     def _write_slabs(self, slabs: list) -> None:
         if self._output is None:
             return  # ranks other than 0 only take part in the reductions
+        output = self._output
         for z0, z1, slab in slabs:
+            self._voxels += slab[0].numel()
             segmentation = None
-            if self.save_segmentation:
-                if self._activation == "softmax":
-                    segmentation = slab.argmax(0).to(torch.uint8 if slab.shape[0] <= 256 else torch.int32)
-                else:
-                    segmentation = (slab > 0.5).to(torch.uint8)
-                segmentation = segmentation.cpu().numpy()
-            values = slab.cpu().numpy()
-            self._voxels += values[0].size
-            output = self._output
-            self._writer.submit(lambda z0=z0, z1=z1, v=values, s=segmentation: output.write(z0, z1, v, s))
+            if slab.device.type == "cuda":
+                # The segmentation is cheaper on the device, and the copies to pinned memory run asynchronously:
+                # the writer thread waits for the event, the next batches do not.
+                if self.save_segmentation:
+                    segmentation = _pinned_copy(self._segment(slab))
+                values = _pinned_copy(slab)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                # A CPU slab is a fresh tensor nobody else holds; the writer thread derives the rest from it.
+                values, event = slab.cpu(), None
+
+            def job(z0: int = z0, z1: int = z1, values: torch.Tensor = values, segmentation: Any = segmentation,
+                    event: Any = event) -> None:
+                if event is not None:
+                    event.synchronize()
+                output.write(z0, z1, values.numpy(), None if segmentation is None else segmentation.numpy())
+
+            self._writer.submit(job)
+
+    def _segment(self, slab: torch.Tensor) -> torch.Tensor:
+        if self._activation == "softmax":
+            return slab.argmax(0).to(torch.uint8 if slab.shape[0] <= 256 else torch.int32)
+        return (slab > 0.5).to(torch.uint8)
 
     def _finish_volume(self) -> None:
         self._write_slabs(self._stitcher.finish())
@@ -371,3 +549,10 @@ class PredictionWriter(Callback):
             self._bar.close()
         self._stitcher = self._output = self._writer = self._bar = None
         self._current = None
+
+
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """Start an asynchronous copy of a device tensor into page-locked host memory and return the host tensor."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
