@@ -70,12 +70,13 @@ class ValidationImages(Callback):
             or batch_idx != 0
             or (self._validations - 1) % self.every_n_validations != 0
             or not isinstance(outputs, dict)
-            or "probabilities" not in outputs
+            or outputs.get("probabilities") is None
         ):
             return
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers:
             return
+        batch = outputs.get("batch", batch)  # the batch the probabilities belong to (DDP padding removed)
         panel = middle_slice_panel(
             batch["raw"][0], batch["label"][0], outputs["probabilities"][0], bool(getattr(pl_module, "multiclass", True))
         )

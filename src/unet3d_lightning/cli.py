@@ -7,13 +7,16 @@ directory, data that does not fit the model) end with one ``error:`` line and ex
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from .callbacks import FitSummary, ProgressBar, ValidationImages
 from .data.datamodule import HDF5DataModule
@@ -24,6 +27,31 @@ from .prediction.writer import PredictionWriter, check_output_dir
 
 # Data settings that change the numbers a model sees: prediction takes them from the checkpoint unless given.
 _DATA_FROM_CHECKPOINT = {"normalization": "standardize", "percentiles": (1.0, 99.0)}
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Save the resolved config as ``config.yaml`` in the run's log directory, beside ``checkpoints/``.
+
+    Written when fit starts — after every input check has passed, so a run stopped by a configuration error leaves
+    no directory behind — and only for fit (``unet3d fit --config config.yaml`` repeats the run).
+    """
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        return
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.ckpt_path:
+            self.overwrite = True  # a resumed run continues in its directory and records the resuming config
+        super().setup(trainer, pl_module, "fit")
+
+
+def run_dir_of_checkpoint(ckpt_path: str | Path) -> Path | None:
+    """``<root>/<name>/version_N`` when ``ckpt_path`` is ``<root>/<name>/version_N/checkpoints/<file>``, else None."""
+    path = Path(ckpt_path).resolve()
+    run = path.parent.parent
+    if path.parent.name == "checkpoints" and run.name.startswith("version_"):
+        return run
+    return None
 
 
 class UNet3DCLI(LightningCLI):
@@ -39,14 +67,35 @@ class UNet3DCLI(LightningCLI):
                 "checkpoint.save_top_k": 1,
                 "checkpoint.save_last": True,
                 "checkpoint.auto_insert_metric_name": False,
+                # val/loss exists only after a validation run: checking at a train epoch's end (e.g. one cut short
+                # by max_steps) would find nothing to compare.
+                "checkpoint.save_on_train_epoch_end": False,
             }
         )
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.set_defaults(
-            {"early_stopping.monitor": "val/loss", "early_stopping.mode": "min", "early_stopping.patience": 20}
+            {
+                "early_stopping.monitor": "val/loss",
+                "early_stopping.mode": "min",
+                "early_stopping.patience": 20,
+                "early_stopping.check_on_train_epoch_end": False,  # patience counts validation runs
+            }
         )
         parser.add_lightning_class_args(ValidationImages, "image_logger")
         parser.add_lightning_class_args(PredictionWriter, "prediction")
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the checkpoint's hyperparameters before any hook of ours runs: a missing or unreadable
+        file becomes the same one-line error as the other checkpoint mistakes."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and not Path(ckpt_path).is_file():
+            raise ConfigurationError(f"ckpt_path {ckpt_path}: file does not exist")
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:  # noqa: BLE001 - any failure means the file is not a usable checkpoint
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigurationError(f"ckpt_path {ckpt_path}: cannot be read as a checkpoint ({reason})") from None
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
@@ -57,10 +106,10 @@ class UNet3DCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Fail fast, before any model, data or checkpoint is loaded, on mistakes visible in the config."""
         sub = self.subcommand
+        if sub is None:  # run=False: classes only, nothing will be run
+            return
         config = self.config[sub]
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path and not Path(ckpt_path).is_file():
-            raise ConfigurationError(f"ckpt_path {ckpt_path}: file does not exist")
         if sub != "predict":
             return
         if not ckpt_path:
@@ -83,6 +132,24 @@ class UNet3DCLI(LightningCLI):
             if key in trained and _same(value, default) and not _same(trained[key], default):
                 config.data[key] = trained[key]
                 print(f"using data.{key}={trained[key]!r} from the checkpoint", file=sys.stderr)
+
+    def _check_inputs(self, stage: str) -> None:
+        """Check every input volume against the model, and the model's loss against the labels, before the Trainer
+        starts: a mistake then ends the run before any log directory or checkpoint is written."""
+        self.datamodule.check(stage, self.model)
+        self.model.use_label_kind(self.datamodule.label_kind)
+
+    def before_fit(self) -> None:
+        self._check_inputs("fit")
+
+    def before_validate(self) -> None:
+        self._check_inputs("validate")
+
+    def before_test(self) -> None:
+        self._check_inputs("test")
+
+    def before_predict(self) -> None:
+        self._check_inputs("predict")
 
     def _run_evaluation(self, method: str, model: Any, ckpt_path: str | None = None, **kwargs: Any) -> Any:
         """validate / test / predict: load the checkpoint's weights into the model built from its hyperparameters.
@@ -114,6 +181,17 @@ class UNet3DCLI(LightningCLI):
             callbacks.append(FitSummary())
             if trainer_config.get("logger") is not False:
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if self.subcommand == "predict":
+            kwargs.setdefault("logger", False)  # prediction logs nothing; a logger would only leave empty run dirs
+        resumed = run_dir_of_checkpoint(self.config.fit.ckpt_path) if self.subcommand == "fit" and \
+            self.config.fit.get("ckpt_path") else None
+        if resumed is not None and trainer_config.get("logger") in (None, True):
+            # Resume in the run's own directory: logs continue there, and ModelCheckpoint (same dirpath) restores
+            # its best score, so best.ckpt stays the best of the whole run rather than of the resumed part.
+            kwargs.setdefault(
+                "logger", TensorBoardLogger(save_dir=str(resumed.parent.parent), name=resumed.parent.name,
+                                            version=resumed.name)
+            )
         trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
         if self.subcommand != "fit":
             # Checkpointing and early stopping belong to training; in predict they would only restore stale state.
@@ -127,13 +205,48 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+class _DropTips(logging.Filter):
+    """Drops Lightning's advertisement lines ("💡 Tip: try installing …"), which it logs on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def silence_known_noise() -> None:
+    """Filter, at their sources, the lines that a normal run prints but that tell the user nothing actionable.
+
+    Only exact, known messages from named modules are dropped; every other warning still shows.
+    """
+    for name in ("lightning_utilities.core.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    # torch deprecates LeafSpec; Lightning's own pytree helper still uses it (nothing for users to change).
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    # jsonargparse deprecates APIs that Lightning's CLI module calls (not ours, nothing for users to change).
+    try:
+        from jsonargparse._deprecated import JsonargparseDeprecationWarning
+    except ImportError:  # a jsonargparse without these warnings
+        pass
+    else:
+        warnings.filterwarnings("ignore", category=JsonargparseDeprecationWarning, module=r"lightning\.pytorch\.cli")
+    # With seed_everything: true Lightning warns that it drew a seed; the next line ("Seed set to N") says which.
+    warnings.filterwarnings("ignore", message=r"No seed found, seed set to", module=r"lightning\.fabric\.utilities\.seed")
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``unet3d``; ``args`` replaces ``sys.argv[1:]`` (for tests and scripts)."""
+    silence_known_noise()
     try:
         UNet3DCLI(
             UNet3DModule,
             HDF5DataModule,
             args=args,
+            save_config_callback=SaveRunConfig,
             auto_configure_optimizers=False,
             trainer_defaults={
                 "max_epochs": 500,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -47,7 +48,8 @@ class UNet3DModule(pl.LightningModule):
         weight_decay: weight decay given to the optimizer. Default 1e-4 (the original's).
         optimizer: optimizer class and its other arguments (momentum, betas, ...), e.g. in YAML
             ``optimizer: {class_path: torch.optim.SGD, init_args: {momentum: 0.9, nesterov: true}}``. The learning
-            rate and weight decay always come from ``learning_rate`` and ``weight_decay``. Default None: Adam.
+            rate and weight decay always come from ``learning_rate`` and ``weight_decay`` (a different ``lr`` in
+            the optimizer's init_args is an error). Default None: Adam.
         lr_scheduler: LR scheduler class and arguments, e.g. ``lr_scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau``
             or ``{class_path: torch.optim.lr_scheduler.CosineAnnealingLR, init_args: {T_max: 100}}``. Default None
             (constant learning rate).
@@ -83,6 +85,7 @@ class UNet3DModule(pl.LightningModule):
         self.ignore_index = ignore_index
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self._optimizer_kwargs()  # a conflicting learning rate fails here, not after data setup
         self.loss_fn: torch.nn.Module | None = None
         self.multiclass: bool | None = None
         implied = _MULTICLASS_BY_LOSS.get(loss)
@@ -133,7 +136,11 @@ class UNet3DModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Learn the label type from the datamodule (for ``dice``) and check it against the loss."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        label_kind = getattr(datamodule, "label_kind", None)
+        self.use_label_kind(getattr(datamodule, "label_kind", None))
+
+    def use_label_kind(self, label_kind: str | None) -> None:
+        """Adopt the data's label type, ``"class_ids"`` (3D labels) or ``"binary"`` (4D masks), or raise if the
+        loss cannot train on it. ``None`` (no labelled data, e.g. prediction) changes nothing."""
         if label_kind is None:
             return
         data_multiclass = label_kind == "class_ids"
@@ -180,19 +187,28 @@ class UNet3DModule(pl.LightningModule):
         self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
 
-    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor | None]:
+        # Under DDP the datamodule pads the last round of validation patches so that every rank runs the same
+        # number of batches (the metrics' collectives must line up); padded duplicates are flagged and skipped
+        # here, so every patch counts exactly once. Metrics sync across ranks once, at compute().
+        padding = batch.get("padding")
+        if padding is not None and bool(padding.any()):
+            keep = ~padding.to(batch["raw"].device)
+            batch = {k: v[keep] if k != "padding" else v[~padding] for k, v in batch.items()}
+        mean_loss = self.val_loss if stage == "val" else self.test_loss
+        batch_size = batch["raw"].shape[0]
+        if batch_size == 0:
+            mean_loss.update(torch.zeros((), device=self.device), weight=0.0)
+            self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
+            return {"loss": None, "probabilities": None}
         loss, logits = self._loss(batch)
         probabilities = self.final_activation(logits)
-        batch_size = batch["raw"].shape[0]
-        # Metric objects accumulate over the epoch and sync across DDP ranks once at compute(); validation batches
-        # are split across ranks without padding, so no duplicated patch biases the result.
-        mean_loss = self.val_loss if stage == "val" else self.test_loss
         mean_loss.update(loss.detach(), weight=batch_size)
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         target = batch["label"]
         metrics.update(probabilities, target if self.multiclass else target.long())
-        return {"loss": loss, "probabilities": probabilities}
+        return {"loss": loss, "probabilities": probabilities, "batch": batch}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         return self._evaluate(batch, "val")
@@ -228,20 +244,43 @@ class UNet3DModule(pl.LightningModule):
         return {**{k: v for k, v in batch.items() if k != "raw"}, "probabilities": probabilities}
 
     # ----------------------------------------------------------------------------------------------- optimizers
+    def _optimizer_kwargs(self) -> dict[str, float]:
+        """``lr`` and ``weight_decay`` for the optimizer, from ``learning_rate`` / ``weight_decay``.
+
+        The optimizer group's own ``lr`` / ``weight_decay`` (which the config system fills with the class defaults)
+        must be left at those defaults or agree: two different learning rates in one config is a mistake.
+        """
+        hp = self.hparams
+        ours = {"lr": hp.learning_rate, "weight_decay": hp.weight_decay}
+        factory = self.optimizer_factory
+        if factory is None:
+            return ours
+        optimizer_class = next(
+            (f for f in (getattr(factory, "func", None), *getattr(factory, "args", ()))
+             if isinstance(f, type) and issubclass(f, torch.optim.Optimizer)),
+            None,
+        )
+        if optimizer_class is None:
+            return ours
+        parameters = inspect.signature(optimizer_class).parameters
+        given = getattr(factory, "keywords", None) or {}
+        names = {"lr": "learning_rate", "weight_decay": "weight_decay"}
+        for key, value in ours.items():
+            default = parameters[key].default if key in parameters else None
+            if key in given and given[key] != default and given[key] != value:
+                raise ConfigurationError(
+                    f"the optimizer's init_args set {key}={given[key]} but model.{names[key]} is {value}; set it "
+                    f"once, as model.{names[key]}"
+                )
+        return {k: v for k, v in ours.items() if k in parameters}
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         if self.optimizer_factory is None:
             optimizer = torch.optim.Adam(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         else:
-            given = getattr(self.optimizer_factory, "keywords", {}) or {}
-            clash = sorted({"lr", "weight_decay"} & set(given))
-            if clash:
-                raise ConfigurationError(
-                    f"set {', '.join(clash)} with model.learning_rate / model.weight_decay, not in the optimizer's "
-                    "init_args"
-                )
-            optimizer = self.optimizer_factory(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+            optimizer = self.optimizer_factory(params, **self._optimizer_kwargs())
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
