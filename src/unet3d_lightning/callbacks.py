@@ -111,8 +111,10 @@ class FitSummary(Callback):
                 lines.append(f"  best checkpoint: {checkpoint.best_model_path}{value}")
             if checkpoint.last_model_path:
                 lines.append(f"  last checkpoint: {checkpoint.last_model_path}")
-        if trainer.logger is not None and trainer.log_dir:
-            lines.append(f"  logs:            {trainer.log_dir}  (tensorboard --logdir {trainer.log_dir})")
+        # logger.log_dir, not trainer.log_dir: the latter is a collective (broadcast) and this runs on rank 0 only.
+        log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+        if log_dir:
+            lines.append(f"  logs:            {log_dir}  (tensorboard --logdir {log_dir})")
         print("\n".join(lines), flush=True)
 
 

@@ -54,6 +54,15 @@ def run_dir_of_checkpoint(ckpt_path: str | Path) -> Path | None:
     return None
 
 
+class ArgumentParser(LightningArgumentParser):
+    """Lightning's parser with a one-line usage on errors: the full usage of every key (hundreds of lines) would
+    bury the ``error:`` line that says what is wrong; ``--help`` still lists everything."""
+
+    def print_usage(self, file: Any = None) -> None:
+        prog = self.prog.replace(" [options]", "")
+        (file or sys.stderr).write(f"usage: {prog} [--config CONFIG.yaml] [--section.key VALUE ...]\n")
+
+
 class UNet3DCLI(LightningCLI):
     """LightningCLI with checkpointing, early stopping, image logging and prediction writing set up."""
 
@@ -247,6 +256,9 @@ def main(args: list[str] | None = None) -> None:
             HDF5DataModule,
             args=args,
             save_config_callback=SaveRunConfig,
+            parser_class=ArgumentParser,
+            parser_kwargs={"description": "Train and apply a 3D U-Net (Çiçek et al. 2016) with the losses of Sudre et "
+                           "al. 2017 on HDF5 volumes. Run 'unet3d SUBCOMMAND --help' for a subcommand's options."},
             auto_configure_optimizers=False,
             trainer_defaults={
                 "max_epochs": 500,

@@ -79,7 +79,10 @@ class UNet3DModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = UNet3D(in_channels, out_channels, f_maps, num_levels, layer_order, num_groups, upsample)
+        try:
+            self.net = UNet3D(in_channels, out_channels, f_maps, num_levels, layer_order, num_groups, upsample)
+        except ValueError as err:
+            raise ConfigurationError(f"model: {err}") from None
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.ignore_index = ignore_index
@@ -97,7 +100,8 @@ class UNet3DModule(pl.LightningModule):
             self._configure_task(resolved)
         else:
             # 'dice' without an explicit label type still checks its loss arguments up front.
-            create_loss(loss, multiclass=True, weight=loss_weight, ignore_index=ignore_index, out_channels=out_channels)
+            _user_error(create_loss, loss, multiclass=True, weight=loss_weight, ignore_index=ignore_index,
+                        out_channels=out_channels)
         self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
@@ -108,8 +112,8 @@ class UNet3DModule(pl.LightningModule):
     def _configure_task(self, multiclass: bool) -> None:
         """Build the loss and the metrics for class-id labels (``multiclass``) or binary masks."""
         hp = self.hparams
-        self.loss_fn = create_loss(
-            hp.loss, multiclass=multiclass, weight=hp.loss_weight, ignore_index=hp.ignore_index,
+        self.loss_fn = _user_error(
+            create_loss, hp.loss, multiclass=multiclass, weight=hp.loss_weight, ignore_index=hp.ignore_index,
             out_channels=hp.out_channels,
         )
         self.multiclass = multiclass
@@ -220,11 +224,12 @@ class UNet3DModule(pl.LightningModule):
         values = metrics.compute()  # synced over ranks
         metrics.reset()
         per_class = values.pop(f"{stage}/dice")
-        self.log(f"{stage}/dice", per_class.mean(), prog_bar=True)
+        # The values are already synced (identical on every rank); sync_dist only tells Lightning so.
+        self.log(f"{stage}/dice", per_class.mean(), prog_bar=True, sync_dist=True)
         others = {f"{stage}/iou": values[f"{stage}/iou"]}
         if per_class.numel() > 1:
             others.update({f"{stage}/dice_class{i}": v for i, v in enumerate(per_class)})
-        self.log_dict(others)
+        self.log_dict(others, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.loss_fn is not None:
@@ -292,6 +297,14 @@ class UNet3DModule(pl.LightningModule):
                 "monitor": hp.lr_scheduler_monitor,
             },
         }
+
+
+def _user_error(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``function``; its ValueErrors are configuration mistakes (loss arguments), reported as such."""
+    try:
+        return function(*args, **kwargs)
+    except ValueError as err:
+        raise ConfigurationError(f"model: {err}") from None
 
 
 def flip_tta(predict: Any, x: Tensor) -> Tensor:

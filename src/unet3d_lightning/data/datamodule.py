@@ -478,7 +478,10 @@ class HDF5DataModule(pl.LightningDataModule):
         check_consistent(labelled, "label_channels", "mask channel count", "label_internal_path")
         check_consistent([v for role in roles for v in self.volumes[role]], "channels", "raw channel count")
         for role in roles:
-            self._shapes(role)  # a missing patch shape is a configuration error too
+            patch, stride = self._shapes(role)  # a missing patch shape is a configuration error too
+            if role != "predict":
+                for volume in self.volumes[role]:  # and so is a volume smaller than its patch
+                    self._grid(volume, volume.spatial_shape, patch, stride, role)
         return roles
 
     def _load_volumes(self, role: str, spec: dict[str, Any]) -> list[Volume]:
