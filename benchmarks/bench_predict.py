@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from unet3d_lightning.cli import silence_known_noise
 from unet3d_lightning.data.datamodule import HDF5DataModule
 from unet3d_lightning.data.patches import padded_shape, patch_grid
 from unet3d_lightning.module import UNet3DModule
@@ -361,6 +362,7 @@ def mib(kib_or_bytes: float, unit: str = "kib") -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    silence_known_noise()  # the same filters as the unet3d command: only the results on screen
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_child:

@@ -91,6 +91,18 @@ def test_saved_config_repeats_the_run(run_config, tmp_path):
         torch.testing.assert_close(second["state_dict"][key], value)  # same seed, same data: the same model
 
 
+def test_default_seed_is_fresh_and_recorded(run_config, tmp_path, monkeypatch):
+    seeds = []
+    for run in range(2):
+        monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # a new command starts without it
+        root = tmp_path / f"seeded{run}"
+        main(["fit", "--config", str(run_config), "--seed_everything", "true", "--trainer.max_steps", "1",
+              "--trainer.default_root_dir", str(root)])
+        seeds.append(yaml.safe_load((version_dir(root) / "config.yaml").read_text())["seed_everything"])
+    assert all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds)
+    assert seeds[0] != seeds[1]  # not Lightning's fallback 0 every time
+
+
 def test_print_config_is_complete_and_reusable(run_config, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(run_config), "--print_config"])

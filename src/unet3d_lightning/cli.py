@@ -8,6 +8,8 @@ directory, data that does not fit the model) end with one ``error:`` line and ex
 from __future__ import annotations
 
 import logging
+import os
+import random
 import sys
 import warnings
 from pathlib import Path
@@ -243,13 +245,16 @@ def silence_known_noise() -> None:
         pass
     else:
         warnings.filterwarnings("ignore", category=JsonargparseDeprecationWarning, module=r"lightning\.pytorch\.cli")
-    # With seed_everything: true Lightning warns that it drew a seed; the next line ("Seed set to N") says which.
-    warnings.filterwarnings("ignore", message=r"No seed found, seed set to", module=r"lightning\.fabric\.utilities\.seed")
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``unet3d``; ``args`` replaces ``sys.argv[1:]`` (for tests and scripts)."""
     silence_known_noise()
+    if "PL_GLOBAL_SEED" not in os.environ:
+        # `seed_everything: true` (the default) promises a fresh seed, but Lightning falls back to 0 when this variable
+        # is unset. Draw one here: Lightning prints it ("Seed set to N"), records it in the run's config.yaml, and DDP
+        # processes inherit the variable, so all ranks share it.
+        os.environ["PL_GLOBAL_SEED"] = str(random.SystemRandom().randrange(2**31))
     try:
         UNet3DCLI(
             UNet3DModule,
