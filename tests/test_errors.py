@@ -58,6 +58,8 @@ def bad_file(root: Path, kind: str) -> Path:
         return write_h5(path, raw=raw, label=label)
     if kind == "small":
         return write_h5(path, raw=raw[:, :6], label=label[:, :6])
+    if kind == "weighted":
+        return write_h5(path, raw=raw, label=label, weight=np.ones_like(raw))
     if kind == "corrupt":
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"this is not an HDF5 file" * 100)
@@ -93,6 +95,9 @@ FIT_ROWS = [
      ["weight has 3 entries but out_channels=2"]),
     ("GroupNorm groups", ["--model.num_groups", "3"], None, ["GroupNorm cannot split", "num_groups=3"]),
     ("layer order", ["--model.layer_order", "cxr"], None, ["layer_order 'cxr'", "valid letters"]),
+    ("per-voxel weights with dice", ["--data.train_paths", "[{bad}]", "--data.val_paths", "[{bad}]",
+                                     "--data.weight_internal_path", "weight", "--model.loss", "dice"], "weighted",
+     ["loss 'dice' takes no per-voxel weights"]),
 ]
 
 

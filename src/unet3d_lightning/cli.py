@@ -148,7 +148,8 @@ class UNet3DCLI(LightningCLI):
         """Check every input volume against the model, and the model's loss against the labels, before the Trainer
         starts: a mistake then ends the run before any log directory or checkpoint is written."""
         self.datamodule.check(stage, self.model)
-        self.model.use_label_kind(self.datamodule.label_kind)
+        voxel_weights = stage != "predict" and self.datamodule.weight_internal_path is not None
+        self.model.use_label_kind(self.datamodule.label_kind, voxel_weights=voxel_weights)
 
     def before_fit(self) -> None:
         self._check_inputs("fit")

@@ -140,13 +140,25 @@ class UNet3DModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Learn the label type from the datamodule (for ``dice``) and check it against the loss."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        self.use_label_kind(getattr(datamodule, "label_kind", None))
+        self.use_label_kind(
+            getattr(datamodule, "label_kind", None),
+            voxel_weights=stage != "predict" and getattr(datamodule, "weight_internal_path", None) is not None,
+        )
 
-    def use_label_kind(self, label_kind: str | None) -> None:
+    def use_label_kind(self, label_kind: str | None, voxel_weights: bool = False) -> None:
         """Adopt the data's label type, ``"class_ids"`` (3D labels) or ``"binary"`` (4D masks), or raise if the
-        loss cannot train on it. ``None`` (no labelled data, e.g. prediction) changes nothing."""
+        loss cannot train on it, or cannot take the per-voxel weights the data comes with (``voxel_weights``).
+        ``label_kind=None`` (no labelled data, e.g. prediction) changes nothing."""
         if label_kind is None:
             return
+        self._use_label_kind(label_kind)
+        if voxel_weights and not getattr(self.loss_fn, "takes_voxel_weight", True):
+            raise ConfigurationError(
+                f"loss {self.hparams.loss!r} takes no per-voxel weights; drop data.weight_internal_path or use "
+                "loss ce, wce, bce or bce_dice"
+            )
+
+    def _use_label_kind(self, label_kind: str) -> None:
         data_multiclass = label_kind == "class_ids"
         if self.multiclass is None:
             self._configure_task(data_multiclass)
