@@ -79,6 +79,40 @@ def test_fit_writes_checkpoints_config_and_a_summary(run_config, tmp_path, capsy
     assert model.hparams.f_maps == 4 and model.multiclass is True
 
 
+def test_validate_reproduces_the_best_score_and_test_reads_test_paths(run_config, tmp_path, capsys):
+    main(["fit", "--config", str(run_config)])
+    best = version_dir(tmp_path / "runs") / "checkpoints" / "best.ckpt"
+    state = torch.load(best, weights_only=True)["callbacks"]
+    best_score = next(v["best_model_score"] for k, v in state.items() if k.startswith("ModelCheckpoint"))
+    capsys.readouterr()
+
+    def printed(metric: str) -> float:
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.split()[:1] == [metric])
+        return float(line.split()[1])
+
+    main(["validate", "--config", str(run_config), "--ckpt_path", str(best)])
+    # the same weights on the same (unaugmented) validation patches give the score the checkpoint was chosen by
+    assert printed("val/loss") == pytest.approx(float(best_score), rel=1e-5)
+    val_volume = yaml.safe_load(run_config.read_text())["data"]["val_paths"][0]
+    main(["test", "--config", str(run_config), "--ckpt_path", str(best), "--data.test_paths", f"[{val_volume}]"])
+    assert printed("test/loss") == pytest.approx(float(best_score), rel=1e-5)
+
+
+def test_checkpoint_can_monitor_a_metric(run_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    main(["fit", "--config", str(run_config), "--trainer.max_epochs", "3", "--checkpoint.monitor", "val/dice_class1",
+          "--checkpoint.mode", "max"])
+    run = version_dir(tmp_path / "runs")
+    state = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["callbacks"]
+    best_score = next(v["best_model_score"] for k, v in state.items() if k.startswith("ModelCheckpoint"))
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [event.value for event in events.Scalars("val/dice_class1")]
+    assert len(logged) == 3
+    assert float(best_score) == pytest.approx(max(logged), rel=1e-6)
+
+
 def test_saved_config_repeats_the_run(run_config, tmp_path):
     main(["fit", "--config", str(run_config), "--trainer.max_epochs", "1"])
     saved = version_dir(tmp_path / "runs") / "config.yaml"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,12 @@ def test_fit_then_predict_with_only_data_and_output_flags(tmp_path):
          "--prediction.output_dir", "out/", "--trainer.accelerator", "cpu", "--data.num_workers", "0"],
         cwd=tmp_path,
     )
-    assert "wrote" in result.stdout
+    # the end-of-predict summary: files written, throughput, wall time
+    summary = re.search(r"predict finished: 2 volume\(s\), ([\d,]+) voxels/s, ([\d.]+) s", result.stdout)
+    assert summary and int(summary.group(1).replace(",", "")) > 0
+    assert f"wrote {Path('out') / 'big_predictions.h5'}" in result.stdout
+    assert f"wrote {Path('out') / 'small_predictions.h5'}" in result.stdout
+    assert "Tip:" not in result.stdout + result.stderr
 
     with h5py.File(tmp_path / "out" / "big_predictions.h5", "r") as f:
         assert "segmentation" not in f

@@ -170,7 +170,8 @@ class UNet3DCLI(LightningCLI):
         early stopping), which these runs do not have; only the weights matter here.
         """
         if ckpt_path:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            # mmap: the tensors are paged in as load_state_dict copies them, not read into a second full copy.
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
             model.load_state_dict(checkpoint["state_dict"])
             print(f"loaded weights from {ckpt_path}", file=sys.stderr)
         return getattr(self.trainer, method)(model, **kwargs)
