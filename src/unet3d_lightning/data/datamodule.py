@@ -318,8 +318,9 @@ class HDF5DataModule(pl.LightningDataModule):
 
     Training batches are the same for any ``num_workers`` and across runs with the same ``seed``: the sampler
     (main process) draws each sample's augmentation seed. Under DDP each rank reads its own share of the patches
-    (:class:`~unet3d_lightning.data.sampling.ShardedSampler`); validation and prediction are never padded with
-    duplicates. Each reader process opens the files itself and keeps them open (chunk caches stay warm).
+    (:class:`~unet3d_lightning.data.sampling.ShardedSampler`); when validation or prediction patches do not divide
+    evenly, the last round is filled with duplicates flagged ``"padding"``, which metrics and the prediction writer
+    skip, so every patch counts exactly once. Each reader process opens the files itself and keeps them open (chunk caches stay warm).
 
     Args:
         train_paths, val_paths, test_paths, predict_paths: HDF5 files, directories (their ``.h5``/``.hdf5``/``.hdf``

@@ -1,7 +1,8 @@
 """Samplers that shard patches over DDP ranks and give every training sample its own augmentation seed.
 
-Why not Lightning's automatic ``DistributedSampler``: it pads validation and prediction with duplicated samples,
-which biases metrics and would stitch a patch twice. :class:`ShardedSampler` knows the rank and world size itself.
+Why not Lightning's automatic ``DistributedSampler``: it pads validation and prediction with duplicated samples
+that nothing can tell apart, which biases metrics and would stitch a patch twice; here padding duplicates are
+flagged (:class:`PaddingIndex`) and skipped. :class:`ShardedSampler` knows the rank and world size itself.
 It subclasses ``DistributedSampler`` only so that Lightning recognises it as already distributed and leaves it in
 place even when ``Trainer(use_distributed_sampler=True)`` (the default outside the ``unet3d`` CLI): wrapping it in
 another distributed sampler would shard every rank's share again and silently drop most of the data.
@@ -48,8 +49,8 @@ class ShardedSampler(DistributedSampler):
         rank, world_size: this process's DDP rank and the number of ranks, ``0 <= rank < world_size``. Default 0, 1.
         drop_uneven: drop the last ``num_items % world_size`` positions of the order so that every rank runs the
             same number of steps and no sample is duplicated (training; shuffling drops different items each epoch).
-            Without it ranks may differ by one item and every item is yielded exactly once over all ranks
-            (validation, prediction). Default False.
+            Without it ranks may differ by one item and every item is yielded exactly once over all ranks (see
+            ``pad_uneven`` for validation and prediction under DDP). Default False.
         with_seeds: yield ``(index, sample_seed)`` pairs, ``0 <= sample_seed < 2**62``, instead of plain indices.
             Default False.
         pad_uneven: give every rank ``ceil(num_items / world_size)`` items by appending, on the ranks that are one
