@@ -1,11 +1,12 @@
-"""Throughput of the HDF5 training loader, and whether it keeps a small U-Net fed.
+"""Throughput of the training loader (HDF5 and Zarr volumes), and whether it keeps a small U-Net fed.
 
-Writes a chunked ``size³`` float32 raw volume and a uint8 label volume (one HDF5 file, in a temporary directory unless
-``--data-dir`` is given), then measures
+Writes a chunked ``size³`` float32 raw volume and a uint8 label volume (one HDF5 file, and the same arrays with the
+same chunks and compression in a Zarr v3 store, in a temporary directory unless ``--data-dir`` is given), then
+measures
 
 1. training patches per second from :class:`~unet3d_lightning.HDF5DataModule` (strided ``patch³`` patches, shuffled,
    augmentation on) with each of ``--workers`` DataLoader workers, plus one row without augmentation that shows the
-   cost of reading and normalising alone;
+   cost of reading and normalising alone, for each of ``--formats``;
 2. the time of one training step of a small :class:`~unet3d_lightning.UNet3DModule` (``--f-maps``, ``--levels``,
    ``--batch-size``) fed (a) by the HDF5 loader and (b) by the very same batches held in memory as tensors. Both use
    the same plain loop (forward, loss, backward, Adam step), so the ratio ``(a) / (b)`` is the loader's overhead on
@@ -52,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="keep the test volume here (reused when it exists) instead of a temporary directory")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the patch order and the model")
+    parser.add_argument("--formats", nargs="+", choices=("hdf5", "zarr"), default=["hdf5", "zarr"],
+                        help="volume formats whose loader throughput is timed (the training step uses HDF5)")
     return parser.parse_args(argv)
 
 
@@ -77,6 +80,28 @@ def write_volume(path: Path, size: int, chunk: int, compression: str, seed: int)
             field += rng.normal(0, 0.3, field.shape).astype(np.float32)
             raw[zs] = 100 + 20 * field
     tmp.replace(path)
+
+
+def copy_to_zarr(source: Path, path: Path, compression: str) -> None:
+    """The HDF5 volume's arrays, with its chunks, in a Zarr v3 store (gzip: Zarr's gzip codec, the same deflate)."""
+    import shutil
+
+    import zarr
+
+    if compression == "lzf":
+        sys.exit("--compression lzf exists only in HDF5; use none or gzip to compare with Zarr")
+    compressors = zarr.codecs.GzipCodec(level=4) if compression == "gzip" else None
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    with h5py.File(source, "r") as f:
+        for name in ("raw", "label"):
+            dataset = f[name]
+            array = group.create_array(name, shape=dataset.shape, dtype=dataset.dtype, chunks=dataset.chunks,
+                                       compressors=compressors)
+            for z in range(0, dataset.shape[0], dataset.chunks[0]):
+                array[z : z + dataset.chunks[0]] = dataset[z : z + dataset.chunks[0]]
+    tmp.rename(path)
 
 
 def datamodule(path: Path, args: argparse.Namespace, workers: int, augmentation: Augmentation) -> HDF5DataModule:
@@ -147,22 +172,32 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             write_volume(path, args.size, args.chunk, args.compression, args.seed)
             print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - start:.1f} s")
+        paths = {"hdf5": path}
+        if "zarr" in args.formats:
+            paths["zarr"] = path.with_suffix(".zarr")
+            if not paths["zarr"].exists():
+                start = time.perf_counter()
+                copy_to_zarr(path, paths["zarr"], args.compression)
+                print(f"wrote {paths['zarr']} in {time.perf_counter() - start:.1f} s")
 
-        start = time.perf_counter()
-        augmented = datamodule(path, args, 0, Augmentation())
-        print(f"setup (read and check the {args.size}³ volume once): {time.perf_counter() - start:.1f} s, "
-              f"{len(augmented.datasets['train'])} training patches of {args.patch}³")
-
-        plain = datamodule(path, args, 0, Augmentation(flip=False, rotate90=False, intensity=False, noise_sigma=0.0))
-        rows = [("0", "off", loader_throughput(plain, args.batches, args.warmup))]
-        for workers in args.workers:
-            augmented.num_workers = workers  # read when the loader is made; saves scanning the volume again
-            rows.append((str(workers), "on", loader_throughput(augmented, args.batches, args.warmup)))
+        rows = []
+        plain_augmentation = Augmentation(flip=False, rotate90=False, intensity=False, noise_sigma=0.0)
+        for fmt in args.formats:
+            start = time.perf_counter()
+            augmented = datamodule(paths[fmt], args, 0, Augmentation())
+            print(f"{fmt} setup (read and check the {args.size}³ volume once): {time.perf_counter() - start:.1f} s, "
+                  f"{len(augmented.datasets['train'])} training patches of {args.patch}³")
+            plain = datamodule(paths[fmt], args, 0, plain_augmentation)
+            rows.append((fmt, "0", "off", loader_throughput(plain, args.batches, args.warmup)))
+            for workers in args.workers:
+                augmented.num_workers = workers  # read when the loader is made; saves scanning the volume again
+                rows.append((fmt, str(workers), "on", loader_throughput(augmented, args.batches, args.warmup)))
         print(f"\nloader throughput ({args.batches} batches of {args.batch_size}, {args.patch}³ patches, "
               f"chunks {args.chunk}³, compression {args.compression}):")
-        print(f"  {'num_workers':>11}  {'augmentation':>12}  {'patches/s':>10}")
-        for workers, aug, rate in rows:
-            print(f"  {workers:>11}  {aug:>12}  {rate:>10.1f}")
+        print(f"  {'format':>6}  {'num_workers':>11}  {'augmentation':>12}  {'patches/s':>10}")
+        for fmt, workers, aug, rate in rows:
+            print(f"  {fmt:>6}  {workers:>11}  {aug:>12}  {rate:>10.1f}")
+        augmented = datamodule(path, args, 0, Augmentation())
 
         # Training: the HDF5 loader, then the same batches from memory (collected from an identical loader, so both
         # feedings see identical tensors in identical order).

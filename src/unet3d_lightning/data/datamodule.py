@@ -10,13 +10,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import h5py
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigurationError
+from . import readers
 from .patches import padded_shape, patch_grid
 from .sampling import PaddingIndex, ShardedSampler
 from .transforms import Augmentation, Compose
@@ -26,7 +26,6 @@ from .volumes import (
     check_consistent,
     error_summary,
     load_arrays,
-    open_h5,
     open_volume,
     resolve_paths,
     scan_volume,
@@ -49,35 +48,38 @@ _INHERITED: list[Any] = []
 
 
 class _FileCache:
-    """Per-process read-only h5py datasets, opened on first use and kept open.
+    """Per-process read-only arrays (h5py datasets, Zarr arrays, TIFF views), opened on first use and kept open.
 
     Datasets stay open, not just files: HDF5 frees a dataset's chunk cache when the dataset is closed, so opening
     ``file[key]`` for every patch would read (and decompress) the chunks that overlapping patches share again.
 
     h5py handles must not cross a fork: a DataLoader worker that used its parent's open file would share HDF5's
     internal state with it. The cache therefore belongs to one process id; in any other process it sets the
-    inherited handles aside and opens its own. Pickling (spawned workers) drops the handles.
+    inherited handles aside and opens its own. Pickling (spawned workers) drops the handles. TIFF files are opened
+    per process for the same reason (a file position shared across a fork); Zarr arrays would survive one, but are
+    opened the same way.
     """
 
     def __init__(self) -> None:
         self._pid = os.getpid()
-        self._files: OrderedDict[str, h5py.File] = OrderedDict()
-        self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
+        self._files: OrderedDict[str, readers.VolumeFile] = OrderedDict()
+        self._datasets: dict[tuple[str, str], Any] = {}
 
-    def dataset(self, volume: Volume, key: str) -> h5py.Dataset:
-        """The open dataset ``key`` of ``volume``'s file, in this process."""
+    def dataset(self, volume: Volume, kind: str) -> Any:
+        """The open ``"raw"``, ``"label"`` or ``"weight"`` array of ``volume``, in this process."""
         if self._pid != os.getpid():
             _INHERITED.append((self._files, self._datasets))
             self._pid, self._files, self._datasets = os.getpid(), OrderedDict(), {}
-        name = str(volume.path)
+        path, key = volume.file_of(kind), volume.key_of(kind)
+        name = str(path)
         found = self._datasets.get((name, key))
         if found is None:
             file = self._files.get(name)
             if file is None:
                 while len(self._files) >= MAX_OPEN_FILES:
                     self._close(next(iter(self._files)))
-                file = self._files[name] = open_h5(volume.path, volume.role)
-            found = self._datasets[(name, key)] = file[key]
+                file = self._files[name] = readers.open_file(path, volume.role)
+            found = self._datasets[(name, key)] = file.array(key)
         self._files.move_to_end(name)
         return found
 
@@ -104,19 +106,21 @@ class _FileCache:
 
 
 def _read_region(
-    volume: Volume, cache: _FileCache, key: str, slices: tuple[slice, slice, slice], is_4d: bool
+    volume: Volume, cache: _FileCache, kind: str, slices: tuple[slice, slice, slice], is_4d: bool
 ) -> np.ndarray:
-    """The region ``slices`` of dataset ``key``: from memory with ``in_memory`` (a view), else read from the file."""
+    """The region ``slices`` of the volume's ``"raw"``, ``"label"`` or ``"weight"`` array: from memory with
+    ``in_memory`` (a view), else read from its file."""
     index = (slice(None), *slices) if is_4d else slices
-    source = volume.arrays.get(key)
+    source = volume.arrays.get(kind)
     if source is not None:
         return source[index]
     try:
-        return cache.dataset(volume, key)[index]
+        return np.asarray(cache.dataset(volume, kind)[index])
     except READ_ERRORS as err:
         where = ", ".join(f"{a} {s.start}-{s.stop - 1}" for a, s in zip("zyx", slices))
         raise ConfigurationError(
-            f"{volume.describe(key)} cannot be read at {where} ({error_summary(err)}); the file changed or is damaged"
+            f"{volume.describe(volume.key_of(kind), kind)} cannot be read at {where} ({error_summary(err)}); the file "
+            "changed or is damaged"
         ) from None
 
 
@@ -189,18 +193,18 @@ class PatchDataset(Dataset):
         padding = isinstance(item, PaddingIndex)
         v, slices = self.locations[index]
         volume = self.volumes[v]
-        raw = _read_region(volume, self._files, volume.raw_internal_path, slices, volume.raw_is_4d)
+        raw = _read_region(volume, self._files, "raw", slices, volume.raw_is_4d)
         # A region read from the file is a new buffer this call owns and may overwrite; an in-memory region is a
         # view of the volume and must be copied.
         fresh = not volume.arrays
         raw = normalize(raw if volume.raw_is_4d else raw[None], volume, self.normalization, overwrite=fresh)
         sample = {"raw": torch.from_numpy(np.ascontiguousarray(raw))}
         if self.with_labels and volume.label_internal_path is not None:
-            label = _read_region(volume, self._files, volume.label_internal_path, slices, volume.label_kind == "binary")
+            label = _read_region(volume, self._files, "label", slices, volume.label_kind == "binary")
             dtype = np.int64 if volume.label_kind == "class_ids" else np.float32
             sample["label"] = torch.from_numpy(np.ascontiguousarray(label.astype(dtype, copy=not fresh)))
         if self.with_labels and volume.weight_internal_path is not None:
-            weight = _read_region(volume, self._files, volume.weight_internal_path, slices, volume.weight_is_4d)
+            weight = _read_region(volume, self._files, "weight", slices, volume.weight_is_4d)
             sample["weight"] = torch.from_numpy(np.ascontiguousarray(weight.astype(np.float32, copy=not fresh)))
         if self.transforms is not None:
             generator = torch.Generator()
@@ -248,9 +252,7 @@ class PredictDataset(Dataset):
         v, slices = self.items[index]
         volume = self.plans[v].volume
         inside = tuple(slice(s.start, min(s.stop, n)) for s, n in zip(slices, volume.spatial_shape))
-        raw = _read_region(
-            volume, self._files, volume.raw_internal_path, inside, volume.raw_is_4d  # type: ignore[arg-type]
-        )
+        raw = _read_region(volume, self._files, "raw", inside, volume.raw_is_4d)  # type: ignore[arg-type]
         raw = normalize(
             raw if volume.raw_is_4d else raw[None], volume, self.normalization, overwrite=not volume.arrays
         )
@@ -323,11 +325,15 @@ class HDF5DataModule(pl.LightningDataModule):
     skip, so every patch counts exactly once. Each reader process opens the files itself and keeps them open (chunk caches stay warm).
 
     Args:
-        train_paths, val_paths, test_paths, predict_paths: HDF5 files, directories (their ``.h5``/``.hdf5``/``.hdf``
-            files) or glob patterns (``data/train/*.h5``, ``**`` allowed). Default None.
-        raw_internal_path: dataset holding the raw volume, ``(D, H, W)`` or ``(C, D, H, W)``. Default ``"raw"``.
-        label_internal_path: dataset holding labels, ``(D, H, W)`` class ids or ``(C, D, H, W)`` binary masks.
-            Default ``"label"``.
+        train_paths, val_paths, test_paths, predict_paths: volumes: HDF5 files (``.h5``/``.hdf5``/``.hdf``), Zarr
+            stores (``.zarr`` directories, OME-Zarr included), TIFF stacks (``.tif``/``.tiff``), directories of
+            them, or glob patterns (``data/train/*.h5``, ``**`` allowed); see
+            :mod:`~unet3d_lightning.data.readers`. Default None.
+        raw_internal_path: dataset holding the raw volume, ``(D, H, W)`` or ``(C, D, H, W)``: an HDF5 dataset, or
+            an array of a Zarr store's group (``"0"``, the full resolution of an OME-Zarr image); ignored for TIFF.
+            Default ``"raw"``.
+        label_internal_path: dataset holding labels, ``(D, H, W)`` class ids or ``(C, D, H, W)`` binary masks, in
+            the volume's file or in its ``label_paths`` file. Default ``"label"``.
         weight_internal_path: optional dataset of per-voxel loss weights, ``(D, H, W)`` or like the label. Default
             None.
         train_patch_shape: ``(z, y, x)`` patch size for training; required by ``fit``. Volumes smaller than the
@@ -355,6 +361,12 @@ class HDF5DataModule(pl.LightningDataModule):
             (chosen at random with ``seed``), so the model still sees background. Default 0.0.
         in_memory: read whole volumes into RAM at setup instead of reading patches lazily. Default False.
         seed: seed of the patch order and the augmentations. Default None: the run's ``seed_everything`` seed.
+        label_paths: labels kept in files of their own (needed for TIFF volumes, which hold one image), by role:
+            ``{"train": [...], "val": [...], "test": [...]}``, each list written like ``train_paths`` and expanded
+            the same way (directories and patterns sorted by name); the n-th label file belongs to the n-th volume
+            of that role, so both lists must expand to the same count. The labels (and weights) are read at
+            ``label_internal_path`` (``weight_internal_path``) of the label file, which may be of another format
+            than the volume. A role without an entry keeps its labels inside the volumes' files. Default None.
     """
 
     def __init__(
@@ -381,6 +393,7 @@ class HDF5DataModule(pl.LightningDataModule):
         empty_patch_keep_share: float = 0.0,
         in_memory: bool = False,
         seed: int | None = None,
+        label_paths: dict[str, list[str]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(augmentation, Mapping):  # as stored in a checkpoint's hyperparameters
@@ -400,6 +413,13 @@ class HDF5DataModule(pl.LightningDataModule):
         if not 0 <= empty_patch_keep_share <= 1:
             raise ConfigurationError(f"empty_patch_keep_share {empty_patch_keep_share} must be in [0, 1]")
         self.paths = {"train": train_paths, "val": val_paths, "test": test_paths, "predict": predict_paths}
+        unknown = sorted(set(label_paths or {}) - {"train", "val", "test"})
+        if unknown:
+            raise ConfigurationError(
+                f"data.label_paths has the role(s) {unknown}; its keys are train, val and test (prediction needs no "
+                "labels)"
+            )
+        self.label_paths = dict(label_paths or {})
         self.raw_internal_path = raw_internal_path
         self.label_internal_path = label_internal_path
         self.weight_internal_path = weight_internal_path
@@ -489,16 +509,19 @@ class HDF5DataModule(pl.LightningDataModule):
         labelled = role != "predict"
         percentiles = self.percentiles if self.normalization == "percentile" else None
         volumes = []
-        for path in resolve_paths(self.paths[role], role):
+        paths = resolve_paths(self.paths[role], role)
+        for path, label_path in zip(paths, self._label_files(role, paths) if labelled else [None] * len(paths)):
             # A file is read in full once per setup settings, whichever roles use it (validation often reuses
             # training files) and however often setup runs (validate/test after fit).
-            key = (str(path.resolve()), labelled, tuple(sorted(spec.items())), percentiles)
+            key = (str(path.resolve()), labelled, tuple(sorted(spec.items())), percentiles,
+                   None if label_path is None else str(label_path.resolve()))
             volume = self._scanned.get(key)
             if volume is None:
                 volume = open_volume(
                     path, role, self.raw_internal_path,
                     self.label_internal_path if labelled else None,
                     self.weight_internal_path if labelled else None,
+                    label_path=label_path,
                 )
                 if spec["in_channels"] is not None and volume.channels != spec["in_channels"]:
                     raise ConfigurationError(
@@ -516,6 +539,32 @@ class HDF5DataModule(pl.LightningDataModule):
                 volume = dataclasses.replace(volume, role=role)  # shares the in-memory arrays
             volumes.append(volume)
         return volumes
+
+    def _label_files(self, role: str, paths: list) -> list:
+        """The label file of each volume of ``role`` (None: in the volume's own file), paired by position."""
+        entries = self.label_paths.get(role)
+        if entries is None:
+            for path in paths:
+                if readers.volume_format(path) == "tiff":
+                    raise ConfigurationError(
+                        f"{role} volume {path}: a TIFF file holds one image, so its labels must be in a file of "
+                        f"their own; list the label files in data.label_paths.{role}, in the order of the volumes"
+                    )
+            return [None] * len(paths)
+        labels = resolve_paths(entries, f"label_paths.{role}")
+        if len(labels) != len(paths):
+            raise ConfigurationError(
+                f"data.label_paths.{role} expands to {len(labels)} file(s) but data.{role}_paths to {len(paths)} "
+                "volume(s); give one label file per volume, in the same order"
+            )
+        if self.weight_internal_path is not None:
+            for label in labels:
+                if readers.volume_format(label) == "tiff":
+                    raise ConfigurationError(
+                        f"{role} volume {label}: a TIFF label file holds only the labels; per-voxel weights "
+                        f"(data.weight_internal_path) need an HDF5 or Zarr label file"
+                    )
+        return labels
 
     def _shapes(self, role: str) -> tuple[Shape3, Shape3]:
         if role == "predict":
@@ -686,7 +735,8 @@ def foreground_fractions(volume: Volume, grid: list, patch: Shape3, ignore_index
             zs, ys, xs = slices
             if (zs.start, zs.stop) != current:  # z-major grid: each z-range is read once
                 current = (zs.start, zs.stop)
-                label = _read_region(volume, cache, key, (zs, slice(None), slice(None)), volume.label_kind == "binary")
+                everything = (zs, slice(None), slice(None))
+                label = _read_region(volume, cache, "label", everything, volume.label_kind == "binary")
                 if label.ndim == 4:
                     fg = (label == 1).any(axis=0)
                     if ignore_index is not None:

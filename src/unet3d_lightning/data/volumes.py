@@ -1,8 +1,8 @@
-"""Finding, opening and validating HDF5 volumes.
+"""Finding, opening and validating volumes (HDF5, Zarr, TIFF: see :mod:`~unet3d_lightning.data.readers`).
 
 Every check here runs at ``setup()``, before training or prediction starts, and raises a
 :class:`~unet3d_lightning.errors.ConfigurationError` whose one sentence names the file, the dataset and the problem.
-Files are only ever opened read-only.
+Files are only ever opened read-only. Every format gets the same checks and the same messages.
 
 Layout of a volume file (the original pytorch-3dunet's):
 
@@ -18,6 +18,7 @@ import glob
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import h5py
 import numpy as np
 
 from ..errors import ConfigurationError
+from . import readers
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 # h5py's default chunk cache is 1 MiB: too small to hold the chunks that overlapping patches share, so neighbouring
@@ -67,7 +69,11 @@ def open_h5(path: str | os.PathLike, role: str = "input") -> h5py.File:
 
 
 def resolve_paths(entries: Sequence[str | os.PathLike] | str | os.PathLike | None, role: str) -> list[Path]:
-    """Expand files, directories (their ``*.h5``/``*.hdf5``/``*.hdf`` files) and glob patterns, in a stable order.
+    """Expand files, directories and glob patterns, in a stable order.
+
+    A directory is a volume when it is a Zarr store (``*.zarr``, or holding ``zarr.json``/``.zgroup``/``.zarray``);
+    any other directory stands for the volumes inside it: its HDF5 (``.h5``/``.hdf5``/``.hdf``) and TIFF
+    (``.tif``/``.tiff``) files and its Zarr stores. A glob pattern matches files and Zarr stores.
 
     Args:
         entries: one path or pattern, a list of them, or None (no volumes).
@@ -78,8 +84,8 @@ def resolve_paths(entries: Sequence[str | os.PathLike] | str | os.PathLike | Non
         twice (also through different spellings of its path) is kept once, at its first place.
 
     Raises:
-        ConfigurationError: a path that does not exist, a pattern that matches no file, a directory holding no HDF5
-        file.
+        ConfigurationError: a path that does not exist, a pattern that matches no file, a directory holding no
+        volume.
     """
     if entries is None:
         return []
@@ -88,19 +94,25 @@ def resolve_paths(entries: Sequence[str | os.PathLike] | str | os.PathLike | Non
     paths: list[Path] = []
     for entry in entries:
         text = os.path.expanduser(str(entry))
-        if glob.has_magic(text):
-            matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        # A path that exists is taken as it is, even when its name holds [ ] * ? (a folder "scan [1]").
+        if glob.has_magic(text) and not os.path.lexists(text):
+            matches = sorted(
+                Path(p) for p in glob.glob(text, recursive=True)
+                if Path(p).is_file() or readers.volume_format(p) == "zarr"
+            )
             if not matches:
                 raise ConfigurationError(f"{role}_paths: the pattern {text!r} matched no file")
             paths.extend(matches)
-        elif Path(text).is_dir():
-            matches = sorted(p for p in Path(text).iterdir() if p.suffix.lower() in HDF5_SUFFIXES and p.is_file())
+        elif Path(text).is_dir() and readers.volume_format(text) != "zarr":
+            matches = sorted(p for p in Path(text).iterdir() if readers.is_volume(p))
             if not matches:
+                suffixes = HDF5_SUFFIXES + readers.ZARR_SUFFIXES + readers.TIFF_SUFFIXES
                 raise ConfigurationError(
-                    f"{role}_paths: the directory {text} holds no HDF5 file ({', '.join(HDF5_SUFFIXES)})"
+                    f"{role}_paths: the directory {text} holds no HDF5 file, Zarr store or TIFF file "
+                    f"({', '.join(suffixes)})"
                 )
             paths.extend(matches)
-        elif Path(text).is_file():
+        elif Path(text).exists():
             paths.append(Path(text))
         else:
             raise ConfigurationError(f"{role} volume {text}: file does not exist")
@@ -131,9 +143,10 @@ class IntensityStats:
 
 @dataclass
 class Volume:
-    """What setup learned about one HDF5 volume; cheap to pickle into DataLoader workers (holds no file handle).
+    """What setup learned about one volume; cheap to pickle into DataLoader workers (holds no file handle).
 
-    ``arrays`` holds the volume's datasets by internal path when ``in_memory`` is on, and is empty otherwise.
+    ``label_path`` is the file holding the labels (and weights) when they are not in ``path``. ``arrays`` holds the
+    volume's arrays by kind (``"raw"``, ``"label"``, ``"weight"``) when ``in_memory`` is on, and is empty otherwise.
     """
 
     path: Path
@@ -149,13 +162,27 @@ class Volume:
     weight_is_4d: bool = False
     stats: IntensityStats | None = None
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    label_path: Path | None = None
 
     @property
     def name(self) -> str:
         return f"{self.role} volume {self.path}"
 
-    def describe(self, key: str | None) -> str:
-        return f"{self.name}: dataset '{key}'"
+    def describe(self, key: str | None, kind: str | None = None) -> str:
+        """``"<role> volume <file>: dataset '<key>'"``, naming the file that holds ``key``: the label file for the
+        labels and weights (``kind`` ``"label"`` or ``"weight"``; by default guessed from ``key``)."""
+        if kind is None:
+            kind = "raw" if key == self.raw_internal_path else "label"
+        return f"{self.role} volume {self.file_of(kind)}: dataset '{key}'"
+
+    def file_of(self, kind: str) -> Path:
+        """The file holding the ``"raw"``, ``"label"`` or ``"weight"`` array."""
+        return self.label_path if kind != "raw" and self.label_path is not None else self.path
+
+    def key_of(self, kind: str) -> str | None:
+        """The internal path of the ``"raw"``, ``"label"`` or ``"weight"`` array (None: the volume has none)."""
+        return {"raw": self.raw_internal_path, "label": self.label_internal_path,
+                "weight": self.weight_internal_path}[kind]
 
 
 def error_summary(err: BaseException) -> str:
@@ -189,23 +216,29 @@ def open_volume(
     raw_internal_path: str = "raw",
     label_internal_path: str | None = None,
     weight_internal_path: str | None = None,
+    label_path: Path | None = None,
 ) -> Volume:
     """Read a volume's metadata (shapes, dtypes) and check its structure; reads no voxel data.
 
     Args:
-        path: the HDF5 file.
+        path: the volume's file (HDF5, Zarr store or TIFF; see :mod:`~unet3d_lightning.data.readers`).
         role: ``"train"``, ``"val"``, ``"test"`` or ``"predict"``, for error messages.
         raw_internal_path: dataset of the raw image, ``(D, H, W)`` or ``(C, D, H, W)``. Default ``"raw"``.
         label_internal_path: dataset of the labels, ``(D, H, W)`` class ids or ``(C, D, H, W)`` binary masks of the
             raw's spatial shape. Default None: no labels (prediction).
         weight_internal_path: dataset of per-voxel loss weights, ``(D, H, W)``, or ``(C, D, H, W)`` like 4D labels.
             Default None.
+        label_path: the file holding the labels and weights, when not ``path`` (a TIFF raw's labels, for one).
+            Default None: ``path``.
 
     Raises:
         ConfigurationError: a missing or non-numeric dataset, an empty raw, shapes that do not fit together.
     """
-    with open_h5(path, role) as f:
-        raw = _dataset(f, raw_internal_path, path, role)
+    with ExitStack() as files:
+        f = files.enter_context(readers.open_file(path, role))
+        labels = f if label_path is None else files.enter_context(readers.open_file(label_path, role))
+        label_file = path if label_path is None else label_path
+        raw = f.array(raw_internal_path)
         if raw.ndim not in (3, 4):
             raise ConfigurationError(
                 f"{role} volume {path}: dataset '{raw_internal_path}' has shape {raw.shape}; expected (D, H, W) or "
@@ -222,36 +255,37 @@ def open_volume(
             )
         volume = Volume(
             path=path, role=role, raw_internal_path=raw_internal_path, spatial_shape=spatial,  # type: ignore[arg-type]
-            channels=int(raw.shape[0]) if raw.ndim == 4 else 1, raw_is_4d=raw.ndim == 4,
+            channels=int(raw.shape[0]) if raw.ndim == 4 else 1, raw_is_4d=raw.ndim == 4, label_path=label_path,
         )
+        label = None
         if label_internal_path is not None:
-            label = _dataset(f, label_internal_path, path, role)
+            label = labels.array(label_internal_path)
             if label.ndim not in (3, 4) or tuple(label.shape[-3:]) != spatial or min(label.shape) < 1:
                 raise ConfigurationError(
-                    f"{role} volume {path}: dataset '{label_internal_path}' has shape {label.shape} but "
+                    f"{role} volume {label_file}: dataset '{label_internal_path}' has shape {label.shape} but "
                     f"'{raw_internal_path}' has spatial shape {spatial}; labels must be (D, H, W) class ids or "
                     "(C, D, H, W) binary masks of the same spatial shape"
                 )
             if not _numeric(label.dtype):
                 raise ConfigurationError(
-                    f"{role} volume {path}: dataset '{label_internal_path}' has non-numeric dtype {label.dtype}"
+                    f"{role} volume {label_file}: dataset '{label_internal_path}' has non-numeric dtype {label.dtype}"
                 )
             volume.label_internal_path = label_internal_path
             volume.label_kind = "class_ids" if label.ndim == 3 else "binary"
             volume.label_channels = int(label.shape[0]) if label.ndim == 4 else None
         if weight_internal_path is not None:
-            weight = _dataset(f, weight_internal_path, path, role)
-            label_shape = f[label_internal_path].shape if label_internal_path is not None else None
+            weight = labels.array(weight_internal_path)
+            label_shape = label.shape if label is not None else None
             fits = weight.ndim == 3 or (weight.ndim == 4 and label_shape is not None and len(label_shape) == 4
                                         and weight.shape[0] == label_shape[0])
             if tuple(weight.shape[-3:]) != spatial or not fits:
                 raise ConfigurationError(
-                    f"{role} volume {path}: dataset '{weight_internal_path}' has shape {weight.shape}; per-voxel "
+                    f"{role} volume {label_file}: dataset '{weight_internal_path}' has shape {weight.shape}; per-voxel "
                     f"weights must have the spatial shape {spatial}, as (D, H, W) or like a 4D label (C, D, H, W)"
                 )
             if not _numeric(weight.dtype):
                 raise ConfigurationError(
-                    f"{role} volume {path}: dataset '{weight_internal_path}' has non-numeric dtype {weight.dtype}"
+                    f"{role} volume {label_file}: dataset '{weight_internal_path}' has non-numeric dtype {weight.dtype}"
                 )
             volume.weight_internal_path = weight_internal_path
             volume.weight_is_4d = weight.ndim == 4
@@ -269,13 +303,13 @@ def _blocks(shape: tuple[int, int, int], channels: int) -> Iterator[slice]:
         yield slice(z, min(z + rows, shape[0]))
 
 
-def _read(dataset: h5py.Dataset, zs: slice, volume: Volume, key: str | None) -> np.ndarray:
+def _read(dataset: Any, zs: slice, volume: Volume, key: str | None, kind: str = "raw") -> np.ndarray:
     """z-rows ``zs`` of a 3D or 4D dataset, or a one-sentence error naming file, dataset and rows when unreadable."""
     try:
-        return dataset[:, zs] if dataset.ndim == 4 else dataset[zs]
+        return np.asarray(dataset[:, zs] if dataset.ndim == 4 else dataset[zs])
     except READ_ERRORS as err:
         raise ConfigurationError(
-            f"{volume.describe(key)} cannot be read in z rows {zs.start}-{zs.stop - 1} ({error_summary(err)}); "
+            f"{volume.describe(key, kind)} cannot be read in z rows {zs.start}-{zs.stop - 1} ({error_summary(err)}); "
             "the file may be corrupt or truncated"
         ) from None
 
@@ -318,15 +352,17 @@ def scan_volume(
     step = _percentile_step(volume.spatial_shape) if percentiles is not None else 0
     samples: list[np.ndarray] = []
     raw_key, label_key, weight_key = volume.raw_internal_path, volume.label_internal_path, volume.weight_internal_path
-    with open_h5(path, role) as f:
-        raw = f[raw_key]
-        label = f[label_key] if label_key else None
-        weight = f[weight_key] if weight_key else None
+    with ExitStack() as files:
+        f = files.enter_context(readers.open_file(path, role))
+        labels = f if volume.label_path is None else files.enter_context(readers.open_file(volume.label_path, role))
+        raw = f.array(raw_key)
+        label = labels.array(label_key) if label_key else None
+        weight = labels.array(weight_key) if weight_key else None
         if label is not None and volume.label_kind == "binary" and out_channels is not None:
             if volume.label_channels != out_channels:
                 raise ConfigurationError(
-                    f"{volume.describe(label_key)} has {volume.label_channels} channels (binary masks) but the model "
-                    f"has out_channels={out_channels}"
+                    f"{volume.describe(label_key, 'label')} has {volume.label_channels} channels (binary masks) but the "
+                    f"model has out_channels={out_channels}"
                 )
         for zs in _blocks(volume.spatial_shape, c):
             block = _read(raw, zs, volume, raw_key)
@@ -353,9 +389,9 @@ def scan_volume(
             count = total
             del values
             if label is not None and out_channels is not None:
-                _check_label_block(volume, _read(label, zs, volume, label_key), out_channels, ignore_index)
+                _check_label_block(volume, _read(label, zs, volume, label_key, "label"), out_channels, ignore_index)
             if weight is not None:
-                _check_weight_block(volume, _read(weight, zs, volume, weight_key), zs)
+                _check_weight_block(volume, _read(weight, zs, volume, weight_key, "weight"), zs)
     std = np.sqrt(m2 / count)
     low: tuple[float, ...] = ()
     high: tuple[float, ...] = ()
@@ -375,7 +411,7 @@ def _non_finite(block: np.ndarray, finite: np.ndarray) -> str:
 
 
 def _check_label_block(volume: Volume, block: np.ndarray, out_channels: int, ignore_index: int | None) -> None:
-    where = volume.describe(volume.label_internal_path)
+    where = volume.describe(volume.label_internal_path, "label")
     values = block if ignore_index is None else block[block != ignore_index]
     if values.size == 0:
         return
@@ -405,7 +441,7 @@ def _check_label_block(volume: Volume, block: np.ndarray, out_channels: int, ign
 
 
 def _check_weight_block(volume: Volume, block: np.ndarray, zs: slice) -> None:
-    where = volume.describe(volume.weight_internal_path)
+    where = volume.describe(volume.weight_internal_path, "weight")
     rows = f"z rows {zs.start}-{zs.stop - 1}"
     if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
         raise ConfigurationError(f"{where} contains {_non_finite(block, np.isfinite(block))} in {rows}; "
@@ -419,15 +455,20 @@ def _check_weight_block(volume: Volume, block: np.ndarray, zs: slice) -> None:
 
 
 def load_arrays(volume: Volume) -> Volume:
-    """Read a volume's datasets into ``volume.arrays`` (the ``in_memory`` option, for data that fits in RAM)."""
-    with open_h5(volume.path, volume.role) as f:
-        for key in (volume.raw_internal_path, volume.label_internal_path, volume.weight_internal_path):
+    """Read a volume's arrays into ``volume.arrays`` by kind (the ``in_memory`` option, for data that fits in RAM)."""
+    with ExitStack() as files:
+        opened: dict[Path, readers.VolumeFile] = {}
+        for kind in ("raw", "label", "weight"):
+            key = volume.key_of(kind)
             if key is not None:
+                file = volume.file_of(kind)
+                if file not in opened:
+                    opened[file] = files.enter_context(readers.open_file(file, volume.role))
                 try:
-                    volume.arrays[key] = f[key][()]
+                    volume.arrays[kind] = np.asarray(opened[file].array(key)[()])
                 except READ_ERRORS as err:
                     raise ConfigurationError(
-                        f"{volume.describe(key)} cannot be read ({error_summary(err)}); the file may be corrupt"
+                        f"{volume.describe(key, kind)} cannot be read ({error_summary(err)}); the file may be corrupt"
                     ) from None
     return volume
 

@@ -8,8 +8,11 @@ For each input volume ``<dir>/<stem>.h5`` it writes ``<output_dir>/<stem>_predic
 - ``segmentation`` (``save_segmentation=True``): ``(D, H, W)`` argmax class ids (softmax models) or
   ``(C, D, H, W)`` masks thresholded at 0.5 (sigmoid models), uint8 (uint16 beyond 255 classes).
 
-Files are written under a temporary name in the same directory and renamed when complete, so an interrupted run
-never leaves a truncated file under the final name.
+With ``format="zarr"`` the output is instead a Zarr (format 3) store ``<output_dir>/<stem>_predictions.zarr``
+holding the same arrays, with the same chunks, compressed with Blosc-zstd; it is written by the same streaming code.
+
+Files (and Zarr store directories) are written under a temporary name in the same directory and renamed when
+complete, so an interrupted run never leaves a truncated output under the final name.
 
 Patches arrive from the predict dataloader in z-major order, volume after volume. The writer feeds them to a
 :class:`~unet3d_lightning.prediction.stitcher.StreamingStitcher` on the model's device and writes each z-slab as
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import threading
 import time
 import zlib
@@ -46,10 +50,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
 
+from ..data.readers import require_formats_extra, volume_stem
 from ..errors import ConfigurationError
 from .stitcher import StreamingStitcher
 
 OUTPUT_SUFFIX = "_predictions.h5"
+OUTPUT_SUFFIXES = {"hdf5": OUTPUT_SUFFIX, "zarr": "_predictions.zarr"}
+# Zarr outputs: Blosc with zstd at a low level and byte shuffle, fast on float data (the Zarr community's default).
+ZARR_CLEVEL = 3
 # Output chunk shape (z, y, x), clipped to the volume; one channel per chunk. 16 x 256 x 256 float32 is 4 MiB: large
 # enough for good compression, small enough that a row of chunks (buffered before it is written) stays modest.
 CHUNK_ZYX = (16, 256, 256)
@@ -60,9 +68,33 @@ COMPRESSION_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 MAX_PENDING_CHUNKS = 4 * COMPRESSION_THREADS
 
 
-def output_path(output_dir: str | os.PathLike, volume_path: str | os.PathLike) -> Path:
-    """``<output_dir>/<input stem>_predictions.h5``."""
-    return Path(output_dir) / f"{Path(volume_path).stem}{OUTPUT_SUFFIX}"
+def output_path(output_dir: str | os.PathLike, volume_path: str | os.PathLike, format: str = "hdf5") -> Path:
+    """``<output_dir>/<input stem>_predictions.h5`` (``format="zarr"``: ``.zarr``); the stem drops the input's
+    format suffix, ``.ome.zarr`` and ``.ome.tif`` included."""
+    return Path(output_dir) / f"{volume_stem(volume_path)}{OUTPUT_SUFFIXES[format]}"
+
+
+class _ZarrOutput:
+    """A new Zarr (format 3) store at ``path`` with the part of h5py.File's interface the writer uses:
+    ``create_dataset`` (chunked, Blosc-zstd unless ``compression`` is None) and ``close``."""
+
+    def __init__(self, path: Path, compression: str | None) -> None:
+        import zarr
+
+        self._zarr = zarr
+        self.group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        self.compression = compression
+
+    def create_dataset(self, name: str, *, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...]) -> Any:
+        codecs = self._zarr.codecs
+        compressors = None if self.compression is None else codecs.BloscCodec(
+            cname="zstd", clevel=ZARR_CLEVEL, shuffle=codecs.BloscShuffle.shuffle
+        )
+        return self.group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=compressors,
+                                       fill_value=0)
+
+    def close(self) -> None:
+        pass  # every chunk and metadata document is written when its write returns
 
 
 def check_output_dir(output_dir: str | os.PathLike) -> Path:
@@ -142,14 +174,16 @@ class _ChunkRowDataset:
     """
 
     def __init__(
-        self, file: h5py.File, name: str, shape: tuple[int, ...], dtype: str, compression: str | None,
+        self, file: h5py.File | _ZarrOutput, name: str, shape: tuple[int, ...], dtype: str, compression: str | None,
         pool: ThreadPoolExecutor | None,
     ) -> None:
         self.channel_axis = len(shape) == 4
         zyx = shape[-3:]
         self.chunks = ((1,) if self.channel_axis else ()) + tuple(min(n, c) for n, c in zip(zyx, CHUNK_ZYX))
         opts: dict[str, Any] = {}
-        if compression == "gzip":
+        if isinstance(file, _ZarrOutput):
+            compression = None  # the store compresses (in zarr's own threads) as rows are written
+        elif compression == "gzip":
             opts = {"compression": "gzip", "compression_opts": GZIP_LEVEL, "shuffle": True}
         elif compression == "lzf":
             opts = {"compression": "lzf", "shuffle": True}
@@ -224,15 +258,21 @@ class _ChunkRowDataset:
 
 
 class _VolumeOutput:
-    """The temporary HDF5 file of one volume while it is being written; renamed to its final name when complete."""
+    """The temporary HDF5 file (or Zarr store) of one volume while it is being written; renamed to its final name
+    when complete."""
 
     def __init__(
         self, final: Path, shape: Sequence[int], channels: int, dtype: str, segmentation: str | None,
-        compression: str | None, pool: ThreadPoolExecutor | None,
+        compression: str | None, pool: ThreadPoolExecutor | None, format: str = "hdf5",
     ) -> None:
         self.final = final
         self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        self.file = h5py.File(self.tmp, "w")
+        self.format = format
+        if format == "zarr":
+            shutil.rmtree(self.tmp, ignore_errors=True)  # left by a killed run of a process with our pid
+            self.file: Any = _ZarrOutput(self.tmp, compression)
+        else:
+            self.file = h5py.File(self.tmp, "w")
         try:
             d, h, w = (int(n) for n in shape)
             self.scale = 255.0 if dtype == "uint8" else 1.0
@@ -271,13 +311,38 @@ class _VolumeOutput:
         if self.segmentation is not None:
             self.segmentation.close()
         self.file.close()
-        os.replace(self.tmp, self.final)
+        if self.format == "zarr":
+            _replace_directory(self.tmp, self.final)
+        else:
+            os.replace(self.tmp, self.final)
 
     def discard(self) -> None:
         try:
             self.file.close()
         finally:
-            self.tmp.unlink(missing_ok=True)
+            if self.format == "zarr":
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            else:
+                self.tmp.unlink(missing_ok=True)
+
+
+def _replace_directory(source: Path, final: Path) -> None:
+    """Rename the complete store ``source`` to ``final``, replacing an older output there.
+
+    A directory cannot be renamed over a non-empty one, so the old output is first renamed aside (one rename: it
+    stays complete under some name until the new one is in place) and deleted after.
+    """
+    old = None
+    if final.exists() or final.is_symlink():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(source, final)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 class PredictionWriter(Callback):
@@ -295,9 +360,12 @@ class PredictionWriter(Callback):
         dtype: storage type of ``predictions``: ``"float32"``, ``"float16"`` or ``"uint8"`` (probability × 255,
             rounded; the dataset's ``scale`` attribute says 255). Default ``"float32"``.
         compression: HDF5 compression of the outputs: ``"gzip"`` (level 1), ``"lzf"`` (faster, larger) or
-            ``"none"``. Default ``"gzip"``.
+            ``"none"``; for Zarr outputs ``"gzip"`` stands for Blosc-zstd (level 3) and ``"lzf"`` is refused.
+            Default ``"gzip"``.
         tta: flip test-time augmentation: average the predictions of the 8 flips of each patch (8× the compute).
             Default False.
+        format: ``"hdf5"``: one HDF5 file ``<stem>_predictions.h5`` per volume; ``"zarr"``: one Zarr (format 3)
+            store ``<stem>_predictions.zarr`` (needs the ``formats`` extra). Default ``"hdf5"``.
 
     Example::
 
@@ -315,6 +383,7 @@ class PredictionWriter(Callback):
         dtype: Literal["float32", "float16", "uint8"] = "float32",
         compression: Literal["gzip", "lzf", "none"] = "gzip",
         tta: bool = False,
+        format: Literal["hdf5", "zarr"] = "hdf5",
     ) -> None:
         if blend not in ("average", "gaussian"):
             raise ConfigurationError(f"prediction.blend {blend!r} is not one of average, gaussian")
@@ -322,6 +391,14 @@ class PredictionWriter(Callback):
             raise ConfigurationError(f"prediction.dtype {dtype!r} is not one of float32, float16, uint8")
         if compression not in ("gzip", "lzf", "none"):
             raise ConfigurationError(f"prediction.compression {compression!r} is not one of gzip, lzf, none")
+        if format not in ("hdf5", "zarr"):
+            raise ConfigurationError(f"prediction.format {format!r} is not one of hdf5, zarr")
+        if format == "zarr":
+            require_formats_extra("prediction.format zarr")
+            if compression == "lzf":
+                raise ConfigurationError(
+                    "prediction.compression lzf is HDF5's own; Zarr outputs take gzip (stored as Blosc-zstd) or none"
+                )
         halos = (halo,) * 3 if isinstance(halo, int) else tuple(halo)
         if len(halos) != 3 or min(halos) < 0:
             raise ConfigurationError(f"prediction.halo {halo!r} must be one int >= 0 or three, [z, y, x]")
@@ -332,6 +409,7 @@ class PredictionWriter(Callback):
         self.dtype = dtype
         self.compression = None if compression == "none" else compression
         self.tta = tta
+        self.format = format
         self.written: list[Path] = []
         self._reset()
 
@@ -364,7 +442,7 @@ class PredictionWriter(Callback):
             )
         finals: dict[Path, Path] = {}
         for plan in plans:
-            final = output_path(self.output_dir, plan.volume.path)
+            final = output_path(self.output_dir, plan.volume.path, self.format)
             if final in finals:
                 raise ConfigurationError(
                     f"predict volumes {finals[final]} and {plan.volume.path} would both be written to {final}; "
@@ -494,11 +572,11 @@ class PredictionWriter(Callback):
             segmentation = None
             if self.save_segmentation:
                 segmentation = "argmax" if self._activation == "softmax" else "threshold"
-            if self._pool is None and self.compression == "gzip":
+            if self._pool is None and self.compression == "gzip" and self.format == "hdf5":
                 self._pool = ThreadPoolExecutor(COMPRESSION_THREADS, thread_name_prefix="unet3d-deflate")
             self._output = _VolumeOutput(
-                output_path(self.output_dir, plan.volume.path), plan.volume.spatial_shape, channels, self.dtype,
-                segmentation, self.compression, self._pool,
+                output_path(self.output_dir, plan.volume.path, self.format), plan.volume.spatial_shape, channels,
+                self.dtype, segmentation, self.compression, self._pool, self.format,
             )
             self._writer = _BackgroundWriter()
             if trainer.progress_bar_callback is not None:

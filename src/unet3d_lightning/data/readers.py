@@ -1,0 +1,361 @@
+"""One reader interface over the volume formats: HDF5, Zarr (v2, v3, OME-Zarr) and TIFF stacks.
+
+A volume lives in a *file* (an HDF5 file, a Zarr store directory, a TIFF file) at an *internal path* (an HDF5
+dataset, a Zarr array inside the store's group; a TIFF file holds one image, so TIFF ignores internal paths).
+:func:`open_file` opens a file read-only and returns a :class:`VolumeFile`, whose :meth:`VolumeFile.array` gives an
+array with ``shape``, ``dtype``, ``ndim``, ``chunks`` (None when the data is not chunked) and region reads by
+slices (``array[zs]``, ``array[:, zs, ys, xs]``). The checks and messages of
+:mod:`~unet3d_lightning.data.volumes` then apply to every format alike.
+
+The format comes from the path:
+
+=========================== ========= ==========================================================================
+path                        format    internal path
+=========================== ========= ==========================================================================
+``*.h5``, ``*.hdf5``, ``*.hdf`` HDF5  a dataset, e.g. ``raw``, ``volumes/raw``
+``*.zarr`` directory        Zarr      an array of the store's group (``raw``), or an OME-Zarr multiscale image:
+(or any directory holding             its level 0 (``0``), or the image's group (``""`` for the root, or e.g.
+``zarr.json``/``.zgroup``)            ``labels/cells``), which stands for its level 0
+``*.tif``, ``*.tiff``       TIFF      ignored: the file's first image series, a ``(D, H, W)`` stack or, by its
+                                      axes metadata, ``(C, D, H, W)``/``(D, C, H, W)`` (read as ``(C, D, H, W)``)
+anything else               HDF5      (as before Zarr and TIFF were read)
+=========================== ========= ==========================================================================
+
+Zarr and TIFF need the optional ``formats`` extra (``pip install 'unet3d-lightning[formats]'``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigurationError
+from . import volumes
+
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+ZARR_SUFFIXES = (".zarr",)
+TIFF_SUFFIXES = (".tif", ".tiff")
+# Files inside a directory that make it a Zarr store (v3: zarr.json; v2: .zgroup / .zarray).
+ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
+# Suffixes stripped from an input's name to name its outputs (image.ome.zarr -> image_predictions.zarr).
+COMPOUND_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif")
+# What the Zarr and TIFF libraries raise for damaged stores and files, besides h5py's (volumes.READ_ERRORS): bad JSON
+# metadata (ValueError, of which JSONDecodeError and TiffFileError are subclasses), failed codecs (RuntimeError).
+FORMAT_READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
+
+
+def volume_format(path: str | os.PathLike) -> str:
+    """``"hdf5"``, ``"zarr"`` or ``"tiff"`` for a volume path, by its suffix (a directory: Zarr when it is a store).
+
+    Any other file is HDF5, as every path was before the other formats were read.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in ZARR_SUFFIXES or (p.is_dir() and any((p / m).is_file() for m in ZARR_MARKERS)):
+        return "zarr"
+    if suffix in TIFF_SUFFIXES:
+        return "tiff"
+    return "hdf5"
+
+
+def is_volume(path: Path) -> bool:
+    """Whether ``path``, found inside a directory or by a glob pattern, is a volume: an HDF5 or TIFF file by its
+    suffix, or a Zarr store directory."""
+    if path.is_dir():
+        return volume_format(path) == "zarr"
+    return path.is_file() and path.suffix.lower() in HDF5_SUFFIXES + TIFF_SUFFIXES
+
+
+def volume_stem(path: str | os.PathLike) -> str:
+    """The name of a volume without its format suffix: ``a.h5`` -> ``a``, ``image.ome.zarr`` -> ``image``."""
+    name = Path(path).name
+    for suffix in COMPOUND_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def require_formats_extra(what: str) -> None:
+    """Raise a one-line error naming the ``formats`` extra when zarr or tifffile is not installed."""
+    missing = []
+    for module in ("zarr", "tifffile"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ConfigurationError(
+            f"{what} needs {' and '.join(missing)}, from the optional 'formats' extra: "
+            "pip install 'unet3d-lightning[formats]'"
+        )
+
+
+class VolumeFile:
+    """An open, read-only volume file; ``array(key)`` returns its array at internal path ``key``.
+
+    Use as a context manager or call :meth:`close`. Subclasses: :class:`HDF5File`, :class:`ZarrFile`,
+    :class:`TiffFile`.
+    """
+
+    format = ""
+
+    def __init__(self, path: Path, role: str) -> None:
+        self.path = path
+        self.role = role
+
+    def array(self, key: str) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> VolumeFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _missing(self, key: str, what: str, found: list[str]) -> ConfigurationError:
+        # The same sentence for every format, so that users (and the tests) meet one message.
+        return ConfigurationError(
+            f"{self.role} volume {self.path}: dataset '{key}' {what}; datasets in the file: {found or 'none'}"
+        )
+
+
+class HDF5File(VolumeFile):
+    """An HDF5 file opened by :func:`~unet3d_lightning.data.volumes.open_h5` (read-only, large chunk cache)."""
+
+    format = "hdf5"
+
+    def __init__(self, path: Path, role: str) -> None:
+        super().__init__(path, role)
+        self.file = volumes.open_h5(path, role)
+
+    def array(self, key: str) -> Any:
+        return volumes._dataset(self.file, key, self.path, self.role)
+
+    def __getattr__(self, name: str) -> Any:
+        # The rest of h5py.File's interface (mode, id, filename), for code written against an open HDF5 file.
+        if name == "file":
+            raise AttributeError(name)
+        return getattr(self.file, name)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ZarrFile(VolumeFile):
+    """A Zarr store (format 2 or 3), opened read-only; arrays by their path in the store's root group."""
+
+    format = "zarr"
+
+    def __init__(self, path: Path, role: str) -> None:
+        super().__init__(path, role)
+        require_formats_extra(f"{role} volume {path}")
+        import zarr
+
+        if not path.exists():
+            raise ConfigurationError(f"{role} volume {path}: file does not exist")
+        try:
+            # mode="r": the store itself refuses writes, so an input can never be modified.
+            self.root = zarr.open(store=str(path), mode="r")
+        except FORMAT_READ_ERRORS + (zarr.errors.BaseZarrError,) as err:
+            raise ConfigurationError(
+                f"{role} volume {path}: cannot be read as a Zarr store ({volumes.error_summary(err)}); it may be "
+                "damaged or not Zarr"
+            ) from None
+
+    def _arrays(self) -> list[str]:
+        import zarr
+
+        if isinstance(self.root, zarr.Array):
+            return [""]
+        try:
+            return sorted(name for name, node in self.root.members(max_depth=None) if isinstance(node, zarr.Array))
+        except FORMAT_READ_ERRORS:
+            return []  # a damaged store may not list; the message still names the missing array
+
+    def array(self, key: str) -> Any:
+        import zarr
+
+        node: Any = self.root
+        name = key.strip("/")
+        try:
+            if name:
+                if isinstance(self.root, zarr.Array):
+                    raise KeyError(name)
+                node = self.root[name]
+        except KeyError:
+            raise self._missing(key, "does not exist", self._arrays()) from None
+        except FORMAT_READ_ERRORS + (zarr.errors.BaseZarrError,) as err:
+            raise ConfigurationError(
+                f"{self.role} volume {self.path}: dataset '{key}' cannot be read ({volumes.error_summary(err)}); "
+                "the file may be corrupt"
+            ) from None
+        if isinstance(node, zarr.Group):
+            level0 = multiscale_level0(node)
+            if level0 is None:
+                raise self._missing(key, "is not a dataset", self._arrays())
+            return self.array(f"{name}/{level0}" if name else level0)
+        return node
+
+
+def multiscale_level0(group: Any) -> str | None:
+    """The path of the full-resolution array of an OME-Zarr multiscale image group, or None for another group.
+
+    OME-NGFF 0.4 keeps ``multiscales`` among the group's attributes, 0.5 under ``attributes["ome"]``; the first
+    dataset of the first multiscale is the full resolution.
+    """
+    attrs = dict(group.attrs)
+    multiscales = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+    try:
+        return str(multiscales[0]["datasets"][0]["path"])
+    except (TypeError, KeyError, IndexError):
+        return None
+
+
+class _TiffView:
+    """A lazy ``(D, H, W)`` or ``(C, D, H, W)`` view of a TIFF series: its stored axes ``keep`` (the others have
+    length 1) in the order ``order`` (a ``ZCYX`` stack read as ``CZYX``).
+
+    Region reads (slices only) are mapped onto the stored axes and the result transposed: nothing is read whole.
+    tifffile reports damaged pages as ValueError (TiffFileError); they become OSError, the read error every format
+    shares, so the caller names the file and the region.
+    """
+
+    def __init__(self, array: Any, keep: list[int], order: tuple[int, ...]) -> None:
+        self.array = array
+        self.axes = [keep[a] for a in order]  # stored axis of each view axis
+        self.shape = tuple(int(array.shape[a]) for a in self.axes)
+        self.ndim = len(self.axes)
+        self.dtype = np.dtype(array.dtype)
+        chunks = getattr(array, "chunks", None)
+        self.chunks = None if chunks is None else tuple(chunks[a] for a in self.axes)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        index = () if index is Ellipsis else index
+        index = index if isinstance(index, tuple) else (index,)
+        index = index + (slice(None),) * (self.ndim - len(index))
+        stored: list[Any] = [0] * len(self.array.shape)
+        for view_axis, stored_axis in enumerate(self.axes):
+            stored[stored_axis] = index[view_axis]
+        try:
+            region = np.asarray(self.array[tuple(stored)])
+        except ValueError as err:
+            raise OSError(str(err)) from None
+        if isinstance(self.array, np.ndarray):
+            # A file read whole: the region is a view of it, and readers may normalise a region in place.
+            region = region.copy()
+        # region's axes are the stored axes that remain, in stored order; put them in view order
+        remaining = sorted(self.axes)
+        return region.transpose([remaining.index(a) for a in self.axes])
+
+
+class TiffFile(VolumeFile):
+    """The first image series of a TIFF file, as ``(D, H, W)`` or ``(C, D, H, W)``.
+
+    Read lazily page by page through tifffile's Zarr view where the file allows it; otherwise (layouts the view
+    does not support) read whole into memory, with a warning stating how much. Internal paths are ignored: a TIFF
+    file holds one volume, so labels come from a second file (``data.label_paths``).
+    """
+
+    format = "tiff"
+    # Axis letters tifffile uses for a stack's depth: Z, or the generic Q/I (plain multi-page files), or T.
+    DEPTH_AXES = "ZQIT"
+    CHANNEL_AXES = "CS"
+
+    def __init__(self, path: Path, role: str) -> None:
+        super().__init__(path, role)
+        require_formats_extra(f"{role} volume {path}")
+        import tifffile
+
+        if not path.is_file():
+            raise ConfigurationError(f"{role} volume {path}: file does not exist")
+        self._array: Any = None
+        try:
+            self.file = tifffile.TiffFile(path)  # opened "rb": read-only
+        except FORMAT_READ_ERRORS as err:
+            raise ConfigurationError(
+                f"{role} volume {path}: cannot be read as a TIFF file ({volumes.error_summary(err)}); it may be "
+                "truncated or not TIFF"
+            ) from None
+
+    def array(self, key: str) -> Any:
+        if self._array is None:
+            self._array = self._open_series()
+        return self._array
+
+    def _open_series(self) -> Any:
+        import zarr
+
+        where = f"{self.role} volume {self.path}"
+        try:
+            series = self.file.series[0]
+            shape, axes = tuple(int(n) for n in series.shape), series.axes.upper()
+        except (IndexError,) + FORMAT_READ_ERRORS as err:
+            raise ConfigurationError(
+                f"{where}: holds no readable image ({volumes.error_summary(err)}); it may be truncated"
+            ) from None
+        # Length-1 axes other than y, x (a single time point, a single channel) carry no information.
+        keep = [i for i, (n, a) in enumerate(zip(shape, axes)) if n > 1 or a in "YX"]
+        kept_axes = "".join(axes[i] for i in keep)
+        order = self._order(kept_axes, shape, axes)
+        try:
+            stored = zarr.open(series.aszarr(), mode="r")
+        except Exception as err:  # noqa: BLE001 - any layout the Zarr view refuses is read whole instead
+            try:
+                whole = series.asarray()
+            except FORMAT_READ_ERRORS as read_err:
+                raise ConfigurationError(
+                    f"{where}: cannot be read ({volumes.error_summary(read_err)}); the file may be corrupt"
+                ) from None
+            warnings.warn(
+                f"{where}: its layout cannot be read piece by piece ({volumes.error_summary(err)}); it is read whole "
+                f"into memory, {whole.nbytes / 2**20:,.0f} MiB in each reading process", stacklevel=2,
+            )
+            stored = whole
+        return _TiffView(stored, keep, order)
+
+    def _order(self, kept_axes: str, shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
+        """The stored axis of each axis of the ``(D, H, W)`` or ``(C, D, H, W)`` view."""
+        n = len(kept_axes)
+        spatial_yx = [kept_axes.find("Y"), kept_axes.find("X")]
+        channel = [i for i, a in enumerate(kept_axes) if a in self.CHANNEL_AXES]
+        depth = [i for i, a in enumerate(kept_axes) if a not in self.CHANNEL_AXES + "YX"]
+        if n <= 3 and not channel and spatial_yx == [n - 2, n - 1]:
+            return tuple(range(n))  # (H, W) or (D, H, W): a plain stack, whatever its depth axis is called
+        if n == 4 and len(channel) == 1 and len(depth) == 1 and min(spatial_yx) >= 0 and \
+                kept_axes[depth[0]] in self.DEPTH_AXES and spatial_yx[0] < spatial_yx[1]:
+            return (channel[0], depth[0], *spatial_yx)
+        raise ConfigurationError(
+            f"{self.role} volume {self.path}: the TIFF image has axes {axes} and shape {shape}; expected a 3D stack "
+            "(D, H, W), or a 4D stack with one channel axis (C, D, H, W) or (D, C, H, W)"
+        )
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def open_file(path: str | os.PathLike, role: str = "input") -> VolumeFile:
+    """Open a volume file read-only, choosing the format by the path (see the module's table).
+
+    Args:
+        path: an HDF5 file, a Zarr store directory or a TIFF file.
+        role: ``"train"``, ``"val"``, ``"test"`` or ``"predict"``; only used to name the file in error messages.
+            Default ``"input"``.
+
+    Raises:
+        ConfigurationError: the file does not exist or cannot be read in its format; the optional extra a format
+        needs is missing.
+    """
+    path = Path(path)
+    kind = volume_format(path)
+    if kind == "zarr":
+        return ZarrFile(path, role)
+    if kind == "tiff":
+        return TiffFile(path, role)
+    return HDF5File(path, role)
