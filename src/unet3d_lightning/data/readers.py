@@ -173,7 +173,7 @@ class ZarrFile(VolumeFile):
         import zarr
 
         if isinstance(self.root, zarr.Array):
-            return [""]
+            return ["/"]  # a store that is one array: its internal path is "/" (or "")
         try:
             return sorted(name for name, node in self.root.members(max_depth=None) if isinstance(node, zarr.Array))
         except FORMAT_READ_ERRORS:
