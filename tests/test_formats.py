@@ -33,7 +33,7 @@ from unet3d_lightning.prediction.writer import PredictionWriter
 
 SHAPE = (12, 16, 16)
 PATCH = (8, 8, 8)
-FORMATS = ["hdf5", "zarr2", "zarr3", "ome-zarr-0.4", "ome-zarr-0.5", "tiff"]
+FORMATS = ["hdf5", "zarr2", "zarr3", "ome-zarr-0.4", "ome-zarr-0.5", "ome-zarr-tczyx-0.5", "tiff"]
 
 
 # --------------------------------------------------------------------------------------------- writing the formats
@@ -45,19 +45,26 @@ def write_zarr(path: Path, zarr_format: int = 3, chunks=(4, 8, 8), **arrays: np.
     return path
 
 
-def write_ome_zarr(path: Path, raw: np.ndarray, label: np.ndarray | None, version: str) -> Path:
+def write_ome_zarr(path: Path, raw: np.ndarray, label: np.ndarray | None, version: str, tczyx: bool = False) -> Path:
     """An OME-Zarr image: levels '0' (full) and '1' (every 2nd voxel), and labels as the multiscale image
-    'labels/cells'; NGFF 0.4 (Zarr v2, .zattrs) or 0.5 (Zarr v3, attributes under 'ome')."""
+    'labels/cells'; NGFF 0.4 (Zarr v2, .zattrs) or 0.5 (Zarr v3, attributes under 'ome'); with ``tczyx`` the
+    arrays are 5D with one time point and one channel, as many NGFF writers store them."""
     zarr_format = 2 if version == "0.4" else 3
     root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
 
     def image(group, array):
-        axes = [{"name": a, "type": "space"} for a in "zyx"]
+        names = "tczyx" if tczyx else "zyx"
+        kinds = {"t": "time", "c": "channel"}
+        axes = [{"name": a, "type": kinds.get(a, "space")} for a in names]
         datasets = []
         for level, step in (("0", 1), ("1", 2)):
             level_array = array[::step, ::step, ::step]
-            group.create_array(level, shape=level_array.shape, dtype=array.dtype, chunks=(4, 8, 8))[...] = level_array
-            datasets.append({"path": level, "coordinateTransformations": [{"type": "scale", "scale": [step] * 3}]})
+            if tczyx:
+                level_array = level_array[None, None]
+            group.create_array(level, shape=level_array.shape, dtype=array.dtype,
+                               chunks=(1,) * (level_array.ndim - 3) + (4, 8, 8))[...] = level_array
+            scale = [1] * (len(names) - 3) + [step] * 3
+            datasets.append({"path": level, "coordinateTransformations": [{"type": "scale", "scale": scale}]})
         multiscales = [{"axes": axes, "datasets": datasets, "name": "image"}]
         if version == "0.4":
             group.attrs["multiscales"] = [{"version": "0.4", **multiscales[0]}]
@@ -79,7 +86,7 @@ def store(tmp_path: Path, fmt: str, name: str, raw: np.ndarray, label: np.ndarra
         arrays = {"raw": raw} if label is None else {"raw": raw, "label": label}
         return {"paths": [str(write_zarr(tmp_path / f"{name}.zarr", int(fmt[-1]), **arrays))]}
     if fmt.startswith("ome-zarr"):
-        path = write_ome_zarr(tmp_path / f"{name}.ome.zarr", raw, label, fmt.rsplit("-", 1)[1])
+        path = write_ome_zarr(tmp_path / f"{name}.ome.zarr", raw, label, fmt.rsplit("-", 1)[1], "tczyx" in fmt)
         return {"paths": [str(path)], "raw_internal_path": "0", "label_internal_path": "labels/cells"}
     assert fmt == "tiff"
     path = tmp_path / f"{name}.tif"

@@ -9,17 +9,14 @@ slices (``array[zs]``, ``array[:, zs, ys, xs]``). The checks and messages of
 
 The format comes from the path:
 
-=========================== ========= ==========================================================================
-path                        format    internal path
-=========================== ========= ==========================================================================
-``*.h5``, ``*.hdf5``, ``*.hdf`` HDF5  a dataset, e.g. ``raw``, ``volumes/raw``
-``*.zarr`` directory        Zarr      an array of the store's group (``raw``), or an OME-Zarr multiscale image:
-(or any directory holding             its level 0 (``0``), or the image's group (``""`` for the root, or e.g.
-``zarr.json``/``.zgroup``)            ``labels/cells``), which stands for its level 0
-``*.tif``, ``*.tiff``       TIFF      ignored: the file's first image series, a ``(D, H, W)`` stack or, by its
-                                      axes metadata, ``(C, D, H, W)``/``(D, C, H, W)`` (read as ``(C, D, H, W)``)
-anything else               HDF5      (as before Zarr and TIFF were read)
-=========================== ========= ==========================================================================
+- ``*.h5``, ``*.hdf5``, ``*.hdf`` (and any other file, as before other formats were read): HDF5; the internal path
+  is a dataset, e.g. ``raw``, ``volumes/raw``.
+- a ``*.zarr`` directory, or any directory holding ``zarr.json``/``.zgroup``/``.zarray``: a Zarr store (format 2
+  or 3); the internal path is an array of the store's group (``raw``), or for OME-Zarr (NGFF 0.4/0.5) a level of
+  a multiscale image (``0``, the full resolution) or the image's group (``""`` for the root, ``labels/cells``),
+  which stands for its level 0. Length-1 time and channel axes of an OME-Zarr level are dropped.
+- ``*.tif``, ``*.tiff``: TIFF; the internal path is ignored: the file's first image series is a ``(D, H, W)``
+  stack or, by its axes metadata, ``(C, D, H, W)``/``(D, C, H, W)``, read as ``(C, D, H, W)``.
 
 Zarr and TIFF need the optional ``formats`` extra (``pip install 'unet3d-lightning[formats]'``).
 """
@@ -201,26 +198,48 @@ class ZarrFile(VolumeFile):
             if level0 is None:
                 raise self._missing(key, "is not a dataset", self._arrays())
             return self.array(f"{name}/{level0}" if name else level0)
-        return node
+        return self._squeezed(node, name)
+
+    def _squeezed(self, array: Any, name: str) -> Any:
+        """A level of an OME-Zarr image viewed without its length-1 time and channel axes.
+
+        NGFF images are often 5D ``(t, c, z, y, x)`` with one time point and one channel; without those axes the
+        image is the ``(D, H, W)`` volume it stands for, and a label image the ``(D, H, W)`` class ids (as a TIFF
+        stack's length-1 axes are dropped). Other arrays are returned as stored.
+        """
+        parent = name.rpartition("/")[0]
+        try:
+            group = self.root[parent] if parent else self.root
+            axes = _multiscales(group)[0]["axes"]
+            kinds = [axis.get("type") if isinstance(axis, dict) else axis for axis in axes]
+        except (TypeError, KeyError, IndexError, AttributeError):
+            return array  # not a level of a multiscale image (or one without axes): as stored
+        if len(kinds) != array.ndim:
+            return array
+        keep = [i for i, kind in enumerate(kinds) if kind not in ("time", "channel") or array.shape[i] != 1]
+        if len(keep) == array.ndim:
+            return array
+        return _AxisView(array, keep, tuple(range(len(keep))))
+
+
+def _multiscales(group: Any) -> Any:
+    # OME-NGFF 0.4 keeps ``multiscales`` among the group's attributes, 0.5 under ``attributes["ome"]``.
+    attrs = dict(group.attrs)
+    return attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
 
 
 def multiscale_level0(group: Any) -> str | None:
-    """The path of the full-resolution array of an OME-Zarr multiscale image group, or None for another group.
-
-    OME-NGFF 0.4 keeps ``multiscales`` among the group's attributes, 0.5 under ``attributes["ome"]``; the first
-    dataset of the first multiscale is the full resolution.
-    """
-    attrs = dict(group.attrs)
-    multiscales = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+    """The path of the full-resolution array of an OME-Zarr multiscale image group, or None for another group:
+    the first dataset of the group's first multiscale."""
     try:
-        return str(multiscales[0]["datasets"][0]["path"])
+        return str(_multiscales(group)[0]["datasets"][0]["path"])
     except (TypeError, KeyError, IndexError):
         return None
 
 
-class _TiffView:
-    """A lazy ``(D, H, W)`` or ``(C, D, H, W)`` view of a TIFF series: its stored axes ``keep`` (the others have
-    length 1) in the order ``order`` (a ``ZCYX`` stack read as ``CZYX``).
+class _AxisView:
+    """A lazy ``(D, H, W)`` or ``(C, D, H, W)`` view of a stored array (a TIFF series, an OME-Zarr level): its
+    stored axes ``keep`` (the others have length 1) in the order ``order`` (a ``ZCYX`` stack read as ``CZYX``).
 
     Region reads (slices only) are mapped onto the stored axes and the result transposed: nothing is read whole.
     tifffile reports damaged pages as ValueError (TiffFileError); they become OSError, the read error every format
@@ -318,7 +337,7 @@ class TiffFile(VolumeFile):
                 f"into memory, {whole.nbytes / 2**20:,.0f} MiB in each reading process", stacklevel=2,
             )
             stored = whole
-        return _TiffView(stored, keep, order)
+        return _AxisView(stored, keep, order)
 
     def _order(self, kept_axes: str, shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
         """The stored axis of each axis of the ``(D, H, W)`` or ``(C, D, H, W)`` view."""
