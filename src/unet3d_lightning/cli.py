@@ -251,6 +251,12 @@ def silence_known_noise() -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``unet3d``; ``args`` replaces ``sys.argv[1:]`` (for tests and scripts)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "import-pytorch3dunet":
+        # Not a Lightning run: a small parser of its own (see importers.py).
+        from .importers import main as import_main
+
+        return import_main(argv[1:])
     silence_known_noise()
     if "PL_GLOBAL_SEED" not in os.environ:
         # `seed_everything: true` (the default) promises a fresh seed, but Lightning falls back to 0 when this variable
@@ -265,7 +271,9 @@ def main(args: list[str] | None = None) -> None:
             save_config_callback=SaveRunConfig,
             parser_class=ArgumentParser,
             parser_kwargs={"description": "Train and apply a 3D U-Net (Çiçek et al. 2016) with the losses of Sudre et "
-                           "al. 2017 on HDF5 volumes. Run 'unet3d SUBCOMMAND --help' for a subcommand's options."},
+                           "al. 2017 on HDF5 volumes. Run 'unet3d SUBCOMMAND --help' for a subcommand's options. "
+                           "'unet3d import-pytorch3dunet --model_path FILE --config train_config.yml --output "
+                           "model.ckpt' converts a model trained with pytorch-3dunet."},
             auto_configure_optimizers=False,
             trainer_defaults={
                 "max_epochs": 500,

@@ -34,6 +34,9 @@ LAYER_LETTERS = {
     "b": "BatchNorm3d",
 }
 UPSAMPLE_MODES = ("deconv", "interpolate")
+SPATIAL_DIMS = (2, 3)
+# Layer details: ours, or those of pytorch-3dunet (for networks imported from it; see ``architectures.py``).
+VARIANTS = ("native", "pytorch3dunet")
 
 
 def parse_layer_order(layer_order: str) -> str:
@@ -58,6 +61,17 @@ def parse_layer_order(layer_order: str) -> str:
     return order
 
 
+def conv_class(spatial_dims: int) -> type[nn.Module]:
+    """``nn.Conv3d`` or ``nn.Conv2d``."""
+    return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+
+
+def check_spatial_dims(spatial_dims: int) -> int:
+    if spatial_dims not in SPATIAL_DIMS:
+        raise ValueError(f"spatial_dims {spatial_dims!r} must be 3 (volumes) or 2 (slice by slice)")
+    return int(spatial_dims)
+
+
 def _group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
     # A normalisation placed before the first convolution sees the raw input's channel count (often 1); like the
     # original tool, fewer channels than groups fall back to one group instead of failing.
@@ -71,37 +85,60 @@ def _group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
 
 
 class SingleConv(nn.Sequential):
-    """A 3×3×3 convolution with its activation and normalisation, in the order given by ``layer_order``."""
+    """A 3×3×3 (or 3×3) convolution with its activation and normalisation, in the order given by ``layer_order``.
 
-    def __init__(self, in_channels: int, out_channels: int, layer_order: str = "crg", num_groups: int = 8) -> None:
+    Args:
+        in_channels, out_channels: channels before and after the convolution.
+        layer_order: see :func:`parse_layer_order`. Default ``"crg"``.
+        num_groups: groups of a GroupNorm. Default 8.
+        spatial_dims: 3 (``Conv3d``, ``BatchNorm3d``) or 2 (``Conv2d``, ``BatchNorm2d``). Default 3.
+        variant: ``"native"``: the convolution has a bias unless a normalisation follows it, LeakyReLU has slope
+            0.1. ``"pytorch3dunet"``: as pytorch-3dunet builds it, a bias only when the layer order has no
+            normalisation at all, LeakyReLU slope 0.01 (torch's default). Default ``"native"``.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, layer_order: str = "crg", num_groups: int = 8,
+        spatial_dims: int = 3, variant: str = "native",
+    ) -> None:
         super().__init__()
         order = parse_layer_order(layer_order)
         conv_at = order.index("c")
-        # A normalisation right after the convolution subtracts the mean anyway, so its bias would be wasted.
-        bias = not ("g" in order[conv_at:] or "b" in order[conv_at:])
+        if variant == "pytorch3dunet":
+            bias = not ("g" in order or "b" in order)
+            slope = 0.01
+        else:
+            # A normalisation right after the convolution subtracts the mean anyway, so its bias would be wasted.
+            bias = not ("g" in order[conv_at:] or "b" in order[conv_at:])
+            slope = 0.1
+        batch_norm = nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d
         for i, letter in enumerate(order):
             channels = in_channels if i < conv_at else out_channels
             if letter == "c":
-                self.add_module("conv", nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=bias))
+                conv = conv_class(spatial_dims)(in_channels, out_channels, kernel_size=3, padding=1, bias=bias)
+                self.add_module("conv", conv)
             elif letter == "r":
                 self.add_module("relu", nn.ReLU(inplace=True))
             elif letter == "l":
-                self.add_module("leakyrelu", nn.LeakyReLU(negative_slope=0.1, inplace=True))
+                self.add_module("leakyrelu", nn.LeakyReLU(negative_slope=slope, inplace=True))
             elif letter == "e":
                 self.add_module("elu", nn.ELU(inplace=True))
             elif letter == "g":
                 self.add_module("groupnorm", _group_norm(channels, num_groups))
             elif letter == "b":
-                self.add_module("batchnorm", nn.BatchNorm3d(channels))
+                self.add_module("batchnorm", batch_norm(channels))
 
 
 class DoubleConv(nn.Sequential):
     """Two :class:`SingleConv`; ``mid_channels`` is the first one's output."""
 
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, layer_order: str, num_groups: int) -> None:
+    def __init__(
+        self, in_channels: int, mid_channels: int, out_channels: int, layer_order: str, num_groups: int,
+        spatial_dims: int = 3, variant: str = "native",
+    ) -> None:
         super().__init__(
-            SingleConv(in_channels, mid_channels, layer_order, num_groups),
-            SingleConv(mid_channels, out_channels, layer_order, num_groups),
+            SingleConv(in_channels, mid_channels, layer_order, num_groups, spatial_dims, variant),
+            SingleConv(mid_channels, out_channels, layer_order, num_groups, spatial_dims, variant),
         )
 
 
@@ -109,15 +146,19 @@ class Decoder(nn.Module):
     """Upsample the deeper features to the skip connection's size, concatenate, then :class:`DoubleConv`."""
 
     def __init__(
-        self, deep_channels: int, skip_channels: int, layer_order: str, num_groups: int, upsample: str
+        self, deep_channels: int, skip_channels: int, layer_order: str, num_groups: int, upsample: str,
+        spatial_dims: int = 3,
     ) -> None:
         super().__init__()
         self.upsample = upsample
         if upsample == "deconv":
             # kernel 3, stride 2, padding 1 gives 2n-1 or 2n voxels (output_size picks); with ceil-mode pooling
             # that is always the skip connection's size.
-            self.up = nn.ConvTranspose3d(deep_channels, deep_channels, kernel_size=3, stride=2, padding=1)
-        self.conv = DoubleConv(deep_channels + skip_channels, skip_channels, skip_channels, layer_order, num_groups)
+            transposed = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
+            self.up = transposed(deep_channels, deep_channels, kernel_size=3, stride=2, padding=1)
+        self.conv = DoubleConv(
+            deep_channels + skip_channels, skip_channels, skip_channels, layer_order, num_groups, spatial_dims
+        )
 
     def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
         size = skip.shape[2:]
@@ -129,7 +170,7 @@ class Decoder(nn.Module):
 
 
 class UNet3D(nn.Module):
-    """3D U-Net returning logits of the input's spatial size.
+    """3D U-Net returning logits of the input's spatial size (or its 2D counterpart with ``spatial_dims=2``).
 
     Args:
         in_channels: channels of the raw input (1 for a grey-scale volume). Default 1.
@@ -145,6 +186,8 @@ class UNet3D(nn.Module):
             that sees fewer channels than groups, e.g. before the first conv, uses one group). Default 8.
         upsample: ``"deconv"`` (learned ``ConvTranspose3d``, the original's default) or ``"interpolate"``
             (nearest-neighbour ``F.interpolate``, the original's ``--interpolate``). Default ``"deconv"``.
+        spatial_dims: 3 for volumes ``(B, C, D, H, W)``, 2 for images ``(B, C, H, W)`` (every layer its 2D
+            counterpart: ``Conv2d``, ``BatchNorm2d``, 2D pooling). Default 3.
 
     Example::
 
@@ -162,8 +205,10 @@ class UNet3D(nn.Module):
         layer_order: str = "crg",
         num_groups: int = 8,
         upsample: str = "deconv",
+        spatial_dims: int = 3,
     ) -> None:
         super().__init__()
+        self.spatial_dims = check_spatial_dims(spatial_dims)
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be at least 1")
         self.channels = level_channels(f_maps, num_levels)
@@ -174,26 +219,38 @@ class UNet3D(nn.Module):
         self.encoders = nn.ModuleList()
         previous = in_channels
         for channels in self.channels:
-            self.encoders.append(DoubleConv(previous, max(channels // 2, previous), channels, order, num_groups))
+            self.encoders.append(
+                DoubleConv(previous, max(channels // 2, previous), channels, order, num_groups, spatial_dims)
+            )
             previous = channels
         self.decoders = nn.ModuleList(
-            Decoder(deep, skip, order, num_groups, upsample)
+            Decoder(deep, skip, order, num_groups, upsample, spatial_dims)
             for deep, skip in zip(self.channels[:0:-1], self.channels[-2::-1])
         )
-        self.final_conv = nn.Conv3d(self.channels[0], out_channels, kernel_size=1)
+        self.final_conv = conv_class(spatial_dims)(self.channels[0], out_channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 5:
-            raise ValueError(f"UNet3D expects a 5D input (batch, channels, z, y, x), got shape {tuple(x.shape)}")
+        check_input(x, self.spatial_dims)
+        pool = F.max_pool3d if self.spatial_dims == 3 else F.max_pool2d
         skips = []
         for i, encoder in enumerate(self.encoders):
             if i > 0:
-                x = F.max_pool3d(x, kernel_size=2, ceil_mode=True)
+                x = pool(x, kernel_size=2, ceil_mode=True)
             x = encoder(x)
             skips.append(x)
         for decoder, skip in zip(self.decoders, reversed(skips[:-1])):
             x = decoder(x, skip)
         return self.final_conv(x)
+
+
+def check_input(x: Tensor, spatial_dims: int) -> None:
+    """Raise unless ``x`` is ``(B, C, D, H, W)`` for a 3D network or ``(B, C, H, W)`` for a 2D one."""
+    if x.dim() != spatial_dims + 2:
+        axes = "z, y, x" if spatial_dims == 3 else "y, x"
+        raise ValueError(
+            f"a {spatial_dims}D network expects a {spatial_dims + 2}D input (batch, channels, {axes}), got shape "
+            f"{tuple(x.shape)}"
+        )
 
 
 def level_channels(f_maps: int | Sequence[int], num_levels: int = 4) -> list[int]:

@@ -19,9 +19,10 @@ from torchmetrics.classification import (
 
 from .errors import ConfigurationError
 from .losses import apply_final_activation, create_loss, final_activation_name
-from .model import UNet3D
+from .architectures import build_network, slice_wise
 
 LossName = Literal["ce", "wce", "bce", "dice", "bce_dice"]
+Architecture = Literal["unet", "residual_unet", "residual_se_unet"]
 # Losses whose label type is fixed by the loss itself; 'dice' works with both and learns it from the data.
 _MULTICLASS_BY_LOSS = {"ce": True, "wce": True, "bce": False, "bce_dice": False}
 
@@ -35,6 +36,12 @@ class UNet3DModule(pl.LightningModule):
 
     Args:
         in_channels, out_channels, f_maps, num_levels, layer_order, num_groups, upsample: see ``UNet3D``.
+        architecture: ``"unet"`` (Çiçek et al.), ``"residual_unet"`` (Lee et al. 2017) or ``"residual_se_unet"``
+            (plus squeeze-excitation, Roy et al. 2018); see :mod:`unet3d_lightning.architectures`. Default ``"unet"``.
+        spatial_dims: 3, or 2 for a 2D network trained and applied slice by slice on the volumes' z-slices (patch
+            shapes then have z = 1). Default 3.
+        variant: layer details, ``"native"`` or ``"pytorch3dunet"`` (set by ``unet3d import-pytorch3dunet`` for
+            models trained with pytorch-3dunet; keep it to fine-tune them). Default ``"native"``.
         loss: ``"ce"`` cross-entropy, ``"wce"`` Sudre's weighted cross-entropy, ``"bce"`` binary cross-entropy (4D
             binary labels), ``"dice"`` Sudre's Generalized Dice, ``"bce_dice"`` BCE + Dice. Default ``"ce"``.
         loss_weight: per-class (``ce``) or per-channel (``bce``, ``bce_dice``) weights, one per output channel; the
@@ -66,6 +73,9 @@ class UNet3DModule(pl.LightningModule):
         layer_order: str = "crg",
         num_groups: int = 8,
         upsample: Literal["deconv", "interpolate"] = "deconv",
+        architecture: Architecture = "unet",
+        spatial_dims: Literal[3, 2] = 3,
+        variant: Literal["native", "pytorch3dunet"] = "native",
         loss: LossName = "ce",
         loss_weight: list[float] | None = None,
         ignore_index: int | None = None,
@@ -80,9 +90,13 @@ class UNet3DModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         try:
-            self.net = UNet3D(in_channels, out_channels, f_maps, num_levels, layer_order, num_groups, upsample)
+            self.net = build_network(
+                architecture, in_channels, out_channels, f_maps, num_levels, layer_order, num_groups, upsample,
+                spatial_dims, variant,
+            )
         except ValueError as err:
             raise ConfigurationError(f"model: {err}") from None
+        self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.ignore_index = ignore_index
@@ -175,8 +189,9 @@ class UNet3DModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
-        """Logits ``(B, out_channels, D, H, W)`` for an input ``(B, in_channels, D, H, W)``."""
-        return self.net(x)
+        """Logits ``(B, out_channels, D, H, W)`` for an input ``(B, in_channels, D, H, W)`` (a 2D network sees each
+        z-slice on its own)."""
+        return slice_wise(self.net, x) if self.spatial_dims == 2 else self.net(x)
 
     def final_activation(self, logits: Tensor) -> Tensor:
         """The probabilities prediction writes: softmax over channels for class-id labels, else per-channel sigmoid."""

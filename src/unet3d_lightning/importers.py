@@ -1,0 +1,298 @@
+"""``unet3d import-pytorch3dunet``: turn a model trained with pytorch-3dunet into a checkpoint of ours.
+
+Usage::
+
+    unet3d import-pytorch3dunet --model_path best_checkpoint.pytorch --config train_config.yml --output model.ckpt
+    unet3d predict --ckpt_path model.ckpt --data.predict_paths vol.h5 --data.predict_patch_shape [80,160,160]
+
+The ``model`` section of pytorch-3dunet's training config says which network was trained; its checkpoint holds the
+weights under ``model_state_dict`` (as its trainer saves them; a bare state dict and ``module.`` prefixes from
+``nn.DataParallel`` are accepted too). The network is rebuilt with our classes in the ``pytorch3dunet`` variant
+(:mod:`unet3d_lightning.architectures`), which computes what pytorch-3dunet computes, and the weights are renamed
+by :func:`convert_state_dict`. The output is a Lightning checkpoint that ``UNet3DModule.load_from_checkpoint`` and
+``unet3d predict --ckpt_path`` use directly.
+
+Mapping of the ``model`` section (anything else ends in one ``error:`` line naming the unsupported setting):
+
+==========================  ==================================================================================
+``name``                    ``UNet3D``, ``ResidualUNet3D``, ``ResidualUNetSE3D``, ``UNet2D``, ``ResidualUNet2D``
+                            → ``architecture`` ``unet`` / ``residual_unet`` / ``residual_se_unet``,
+                            ``spatial_dims`` 3 or 2
+``in_channels``,            the same keys
+``out_channels``,
+``f_maps``, ``num_groups``
+``num_levels``              the same (defaults as pytorch-3dunet: 4, residual networks 5)
+``layer_order``             the same; dropout letters ``d``/``D`` are dropped (dropout does nothing at prediction)
+``final_sigmoid``           true → ``loss: bce`` (per-channel sigmoid masks), false → ``loss: ce`` (softmax)
+``is_segmentation``         must be true (regression networks have no final activation here)
+``upsample``                ``default``/``nearest`` → ``interpolate`` for ``UNet*``, ``default`` → ``deconv`` for
+                            residual networks; ``deconv`` → ``deconv`` for ``UNet*``
+``conv_padding``,           must be 1, 2, 3 and 2 (pytorch-3dunet's defaults)
+``conv_upscale``,
+``conv_kernel_size``,
+``pool_kernel_size``
+``dropout_prob``            ignored (no effect at prediction)
+==========================  ==================================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigurationError
+
+SUPPORTED_MODELS = {
+    "UNet3D": ("unet", 3),
+    "ResidualUNet3D": ("residual_unet", 3),
+    "ResidualUNetSE3D": ("residual_se_unet", 3),
+    "UNet2D": ("unet", 2),
+    "ResidualUNet2D": ("residual_unet", 2),
+}
+# Settings pytorch-3dunet lets a config change but that only its defaults are supported for here.
+_FIXED = {"conv_padding": 1, "conv_upscale": 2, "conv_kernel_size": 3, "pool_kernel_size": 2}
+_KNOWN = {
+    "name", "in_channels", "out_channels", "f_maps", "num_levels", "layer_order", "num_groups", "final_sigmoid",
+    "is_segmentation", "upsample", "dropout_prob", *_FIXED,
+}
+
+# Their parameter names → ours (see architectures.py): block internals first, then the level prefixes.
+_BLOCK_RENAMES = [
+    (r"\.SingleConv1\.", ".0."),  # DoubleConv
+    (r"\.SingleConv2\.", ".1."),
+    (r"\.conv1\.(weight|bias)$", r".project.\1"),  # ResNetBlock: 1x1 projection, then the two convolutions
+    (r"\.conv2\.", ".conv1."),
+    (r"\.conv3\.", ".conv2."),
+    (r"\.se_module\.cSE\.fc([12])\.", r".se.fc\1."),  # ResNetBlockSE's scSE
+    (r"\.se_module\.sSE\.conv\.", ".se.spatial."),
+]
+_LEVEL_RENAMES = [
+    (r"^encoders\.(\d+)\.basic_module\.", r"encoders.\1."),
+    (r"^decoders\.(\d+)\.basic_module\.", r"decoders.\1.block."),
+    # 1.9: TransposeConvUpsampling wraps the layer as upsample.conv_transposed; earlier releases as upsample.
+    (r"^decoders\.(\d+)\.upsampling\.upsample\.(?:conv_transposed\.)?(weight|bias)$", r"decoders.\1.up.\2"),
+]
+
+
+def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[str, Any], list[str]]:
+    """Our ``model`` hyperparameters for pytorch-3dunet's ``model`` config section, and notes for the user.
+
+    Raises:
+        ConfigurationError: an unsupported network or setting, naming it.
+    """
+    if not isinstance(model, dict):
+        raise ConfigurationError(f"{source}: has no 'model' section (pytorch-3dunet's training config has one)")
+    name = model.get("name")
+    if name not in SUPPORTED_MODELS:
+        raise ConfigurationError(
+            f"{source}: model.name {name!r} is not supported; supported: {', '.join(SUPPORTED_MODELS)}"
+        )
+    architecture, spatial_dims = SUPPORTED_MODELS[name]
+    unknown = sorted(set(model) - _KNOWN)
+    if unknown:
+        raise ConfigurationError(f"{source}: model settings {unknown} are not supported by the import")
+    for key, default in _FIXED.items():
+        value = model.get(key, default)
+        if value != default and not (isinstance(value, (list, tuple)) and set(value) == {default}):
+            raise ConfigurationError(
+                f"{source}: model.{key}={value!r} is not supported; only pytorch-3dunet's default {default} is"
+            )
+    for key in ("in_channels", "out_channels"):
+        if not isinstance(model.get(key), int) or model[key] < 1:
+            raise ConfigurationError(f"{source}: model.{key} must be a positive integer, got {model.get(key)!r}")
+    if not model.get("is_segmentation", True):
+        raise ConfigurationError(
+            f"{source}: model.is_segmentation=false (a regression network without final activation) is not "
+            "supported; only segmentation networks (sigmoid or softmax output) can be imported"
+        )
+    notes = []
+    order = str(model.get("layer_order", "gcr"))
+    if "d" in order.lower():
+        notes.append(f"layer_order {order!r}: dropout dropped (it does nothing at prediction)")
+        order = order.replace("d", "").replace("D", "")
+    upsample = model.get("upsample", "default")
+    if architecture == "unet":
+        modes = {"default": "interpolate", "nearest": "interpolate", "deconv": "deconv"}
+    else:
+        modes = {"default": "deconv"}
+    if upsample not in modes:
+        raise ConfigurationError(
+            f"{source}: model.upsample={upsample!r} is not supported for {name}; supported: {', '.join(modes)}"
+        )
+    f_maps = model.get("f_maps", 64)
+    default_levels = 4 if architecture == "unet" else 5
+    if isinstance(f_maps, (list, tuple)):
+        f_maps, num_levels = [int(c) for c in f_maps], len(f_maps)
+    else:
+        num_levels = int(model.get("num_levels", default_levels))
+    final_sigmoid = bool(model.get("final_sigmoid", True))
+    settings = {
+        "architecture": architecture,
+        "spatial_dims": spatial_dims,
+        "variant": "pytorch3dunet",
+        "in_channels": model["in_channels"],
+        "out_channels": model["out_channels"],
+        "f_maps": f_maps,
+        "num_levels": num_levels,
+        "layer_order": order,
+        "num_groups": int(model.get("num_groups", 8)),
+        "upsample": modes[upsample],
+        # pytorch-3dunet's final activation: sigmoid masks (its BCE-style training) or a softmax over classes.
+        "loss": "bce" if final_sigmoid else "ce",
+        "multiclass": not final_sigmoid,
+    }
+    return settings, notes
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """pytorch-3dunet's parameter names → ours (without the module's ``net.`` prefix); ``module.`` prefixes of
+    ``nn.DataParallel`` are dropped. Names that match no rule are kept (``final_conv.*`` is the same in both)."""
+    out = {}
+    for key, value in state_dict.items():
+        new = key[len("module."):] if key.startswith("module.") else key
+        for pattern, replacement in _LEVEL_RENAMES:
+            new = re.sub(pattern, replacement, new)
+        if new.startswith(("encoders.", "decoders.")):
+            for pattern, replacement in _BLOCK_RENAMES:
+                new = re.sub(pattern, replacement, new)
+        out[new] = value
+    return out
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a pytorch-3dunet checkpoint (``model_state_dict``, or a bare state dict)."""
+    if not path.is_file():
+        raise ConfigurationError(f"model_path {path}: file does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means the file is not a readable checkpoint
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigurationError(f"model_path {path}: cannot be read as a PyTorch checkpoint ({reason})") from None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model_state_dict"), dict):
+        checkpoint = checkpoint["model_state_dict"]
+    if not isinstance(checkpoint, dict) or not checkpoint or \
+            not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        keys = sorted(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ConfigurationError(
+            f"model_path {path}: holds no 'model_state_dict' (found {keys}); give pytorch-3dunet's "
+            "best_checkpoint.pytorch or last_checkpoint.pytorch"
+        )
+    return checkpoint
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigurationError(f"config {path}: file does not exist")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ConfigurationError(f"config {path}: cannot be read as YAML ({reason})") from None
+    if not isinstance(config, dict):
+        raise ConfigurationError(f"config {path}: is not a YAML mapping with a 'model' section")
+    return config
+
+
+def import_pytorch3dunet(model_path: str | Path, config: str | Path, output: str | Path, overwrite: bool = False
+                         ) -> list[str]:
+    """Convert pytorch-3dunet's checkpoint ``model_path`` trained with ``config`` into our checkpoint ``output``.
+
+    Args:
+        model_path: pytorch-3dunet's ``best_checkpoint.pytorch`` (or ``last_checkpoint.pytorch``).
+        config: its training config (YAML with a ``model`` section).
+        output: the checkpoint to write; written to a temporary name in the same directory and renamed when complete.
+        overwrite: replace an existing ``output``. Default False: an existing file is an error.
+
+    Returns:
+        Notes for the user (settings dropped on the way).
+
+    Raises:
+        ConfigurationError: unreadable inputs, an unsupported network or setting, weights that do not fit it.
+    """
+    import lightning
+
+    from .module import UNet3DModule
+
+    model_path, config, output = Path(model_path), Path(config), Path(output)
+    if output.exists() and not overwrite:
+        raise ConfigurationError(f"output {output} already exists; choose another name or pass --overwrite")
+    if output.exists() and output.resolve() in (model_path.resolve(), config.resolve()):
+        raise ConfigurationError(f"output {output} is one of the inputs; choose another name")
+    if not output.parent.is_dir():
+        raise ConfigurationError(f"output {output}: directory {output.parent} does not exist")
+    settings, notes = model_settings(read_config(config).get("model"), f"config {config}")
+    weights = convert_state_dict(read_state_dict(model_path))
+    try:
+        module = UNet3DModule(**settings)
+    except ConfigurationError as err:
+        raise ConfigurationError(f"config {config}: {err}") from None
+    missing, unexpected = _compare(module.net.state_dict(), weights)
+    if missing or unexpected:
+        raise ConfigurationError(
+            f"model_path {model_path}: its weights do not fit the {settings['architecture']} network of config "
+            f"{config} (missing {missing[:3]}, unexpected {unexpected[:3]}); is it the config it was trained with?"
+        )
+    try:
+        module.net.load_state_dict(weights)
+    except RuntimeError as err:
+        mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise ConfigurationError(
+            f"model_path {model_path}: weights do not fit config {config}: {mismatch}"
+        ) from None
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": 0,
+        "global_step": 0,
+        "imported_from": {"pytorch3dunet_model_path": str(model_path), "config": str(config)},
+    }
+    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(handle)
+    try:
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, output)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return notes
+
+
+def _compare(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    return sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unet3d import-pytorch3dunet",
+        description="Convert a model trained with pytorch-3dunet (its checkpoint and training config) into a "
+        "checkpoint that 'unet3d predict --ckpt_path' uses.",
+    )
+    parser.add_argument("--model_path", required=True, help="pytorch-3dunet's best_checkpoint.pytorch")
+    parser.add_argument("--config", required=True, help="its training config (train_config.yml)")
+    parser.add_argument("--output", required=True, help="the checkpoint to write, e.g. model.ckpt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    return parser
+
+
+def main(args: list[str] | None = None) -> None:
+    """``unet3d import-pytorch3dunet``; ``args`` replaces the arguments after the subcommand."""
+    parsed = build_parser().parse_args(args)
+    try:
+        notes = import_pytorch3dunet(parsed.model_path, parsed.config, parsed.output, parsed.overwrite)
+    except ConfigurationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {parsed.output}; predict with: unet3d predict --ckpt_path {parsed.output} "
+          "--data.predict_paths VOLUME.h5 --data.predict_patch_shape [Z,Y,X]", file=sys.stderr)
