@@ -202,8 +202,9 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def import_pytorch3dunet(model_path: str | Path, config: str | Path, output: str | Path, overwrite: bool = False
-                         ) -> list[str]:
+def import_pytorch3dunet(
+    model_path: str | Path, config: str | Path, output: str | Path, overwrite: bool = False
+) -> tuple[dict[str, Any], list[str]]:
     """Convert pytorch-3dunet's checkpoint ``model_path`` trained with ``config`` into our checkpoint ``output``.
 
     Args:
@@ -213,7 +214,7 @@ def import_pytorch3dunet(model_path: str | Path, config: str | Path, output: str
         overwrite: replace an existing ``output``. Default False: an existing file is an error.
 
     Returns:
-        Notes for the user (settings dropped on the way).
+        The model hyperparameters written, and notes for the user (settings dropped on the way).
 
     Raises:
         ConfigurationError: unreadable inputs, an unsupported network or setting, weights that do not fit it.
@@ -264,7 +265,7 @@ def import_pytorch3dunet(model_path: str | Path, config: str | Path, output: str
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return notes
+    return settings, notes
 
 
 def _compare(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -288,11 +289,13 @@ def main(args: list[str] | None = None) -> None:
     """``unet3d import-pytorch3dunet``; ``args`` replaces the arguments after the subcommand."""
     parsed = build_parser().parse_args(args)
     try:
-        notes = import_pytorch3dunet(parsed.model_path, parsed.config, parsed.output, parsed.overwrite)
+        settings, notes = import_pytorch3dunet(parsed.model_path, parsed.config, parsed.output, parsed.overwrite)
     except ConfigurationError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    print(f"wrote {parsed.output}; predict with: unet3d predict --ckpt_path {parsed.output} "
-          "--data.predict_paths VOLUME.h5 --data.predict_patch_shape [Z,Y,X]", file=sys.stderr)
+    patch = "[1,Y,X]" if settings["spatial_dims"] == 2 else "[Z,Y,X]"
+    print(f"wrote {parsed.output} ({settings['architecture']}, {settings['spatial_dims']}D); predict with: unet3d "
+          f"predict --ckpt_path {parsed.output} --data.predict_paths VOLUME.h5 --data.predict_patch_shape {patch}",
+          file=sys.stderr)
