@@ -452,10 +452,11 @@ class HDF5DataModule(pl.LightningDataModule):
         return None
 
     def _model_spec(self, model: Any = None) -> dict[str, Any]:
-        """in_channels / out_channels / ignore_index of ``model`` (default: the trainer's), to check the data against."""
+        """in_channels / out_channels / ignore_index / spatial_dims of ``model`` (default: the trainer's), to check the
+        data against."""
         if model is None and self.trainer is not None:
             model = self.trainer.lightning_module
-        return {k: getattr(model, k, None) for k in ("in_channels", "out_channels", "ignore_index")}
+        return {k: getattr(model, k, None) for k in ("in_channels", "out_channels", "ignore_index", "spatial_dims")}
 
     def setup(self, stage: str) -> None:
         """Check the volumes of ``stage`` (see :meth:`check`) and build their datasets."""
@@ -500,6 +501,13 @@ class HDF5DataModule(pl.LightningDataModule):
         check_consistent([v for role in roles for v in self.volumes[role]], "channels", "raw channel count")
         for role in roles:
             patch, stride = self._shapes(role)  # a missing patch shape is a configuration error too
+            if spec.get("spatial_dims") == 2 and patch[0] != 1:
+                key = {"train": "train_patch_shape", "predict": "predict_patch_shape"}.get(
+                    role, "val_patch_shape" if self.val_patch_shape else "train_patch_shape")
+                raise ConfigurationError(
+                    f"data.{key} {list(patch)} has z = {patch[0]}, but the model is 2D (model.spatial_dims=2) and "
+                    f"works on single z-slices; use [1, {patch[1]}, {patch[2]}]"
+                )
             if role != "predict":
                 for volume in self.volumes[role]:  # and so is a volume smaller than its patch
                     self._grid(volume, volume.spatial_shape, patch, stride, role)

@@ -66,9 +66,11 @@ class RandomFlip:
         self.p = _probability(p, "RandomFlip p")
 
     def __call__(self, sample: Sample, generator: torch.Generator) -> Sample:
-        _spatial_shape(sample)
+        shape = _spatial_shape(sample)
         draws = torch.rand(len(self.axes), generator=generator)
-        dims = [_dim(axis) for axis, u in zip(self.axes, draws.tolist()) if u < self.p]
+        # An axis of size 1 (z of the one-slice patches of 2D models) has nothing to mirror: it is skipped (the
+        # draws are made all the same, so the other axes' flips do not depend on the patch's depth).
+        dims = [_dim(axis) for axis, u in zip(self.axes, draws.tolist()) if u < self.p and shape[_dim(axis)] > 1]
         if not dims:
             return _unchanged(sample)
         return _map_spatial(sample, lambda t: torch.flip(t, dims))
@@ -309,7 +311,9 @@ class Augmentation:
 
     :meth:`build` turns them into a :class:`Compose` applied to training patches only (never to validation or
     prediction). The pipeline order is elastic warp, flips, 90° rotations, intensity change, noise: geometry first,
-    then intensities, so the noise is not warped or smoothed by interpolation.
+    then intensities, so the noise is not warped or smoothed by interpolation. On the one-slice patches of 2D models
+    (``model.spatial_dims: 2``) z flips and z displacements have nothing to act on and are skipped; in-plane flips,
+    rotations and warps apply as usual.
 
     Args:
         flip: random flips along z, y and x, each with probability 0.5 (:class:`RandomFlip`). Default True.

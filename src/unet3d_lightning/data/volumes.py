@@ -10,6 +10,10 @@ Layout of a volume file (the original pytorch-3dunet's):
 - ``/label``: ``(D, H, W)`` class ids ``0 .. out_channels-1`` (plus an optional ``ignore_index``), or
   ``(C, D, H, W)`` binary masks, one per output channel;
 - optional ``/weight`` (any name): per-voxel loss weights, ``(D, H, W)`` or shaped like the label.
+
+A 2D HDF5 dataset ``(H, W)`` is read as the one-slice volume ``(1, H, W)`` (:class:`OneSlice`), for 2D images and
+the 2D networks that work on z-slices; a 2D ``(C, H, W)`` multi-channel image cannot be told from a volume and must
+be stored as ``(C, 1, H, W)``.
 """
 
 from __future__ import annotations
@@ -44,6 +48,28 @@ PERCENTILE_SAMPLES = 4 * 1024**2
 # What h5py raises for damaged files: OSError for unreadable bytes or failed filters (gzip, ...), RuntimeError and
 # KeyError for broken object headers or links.
 READ_ERRORS = (OSError, RuntimeError, KeyError)
+
+
+class OneSlice:
+    """A 2D ``(H, W)`` HDF5 dataset seen as the volume ``(1, H, W)``: indexed like the volume, read from the image."""
+
+    def __init__(self, dataset: h5py.Dataset) -> None:
+        self.dataset = dataset
+        self.shape = (1, *dataset.shape)
+        self.ndim = 3
+        self.dtype = dataset.dtype
+        self.chunks = (1, *dataset.chunks) if dataset.chunks else None
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        z, rest = (index[0], index[1:]) if index and index[0] is not Ellipsis else (slice(None), ())
+        image = self.dataset[rest] if rest else self.dataset[()]
+        return image[None][z]
+
+
+def as_volume(dataset: Any) -> Any:
+    """``dataset``, or a 2D one as :class:`OneSlice`."""
+    return OneSlice(dataset) if isinstance(dataset, h5py.Dataset) and dataset.ndim == 2 else dataset
 
 
 def open_h5(path: str | os.PathLike, role: str = "input") -> h5py.File:
@@ -207,7 +233,7 @@ def _dataset(file: h5py.File, key: str, path: Path, role: str) -> h5py.Dataset:
         raise ConfigurationError(
             f"{role} volume {path}: dataset '{key}' {what}; datasets in the file: {found or 'none'}"
         )
-    return obj
+    return as_volume(obj)
 
 
 def open_volume(
@@ -241,8 +267,8 @@ def open_volume(
         raw = f.array(raw_internal_path)
         if raw.ndim not in (3, 4):
             raise ConfigurationError(
-                f"{role} volume {path}: dataset '{raw_internal_path}' has shape {raw.shape}; expected (D, H, W) or "
-                "channel-first (C, D, H, W)"
+                f"{role} volume {path}: dataset '{raw_internal_path}' has shape {raw.shape}; expected (D, H, W), "
+                "channel-first (C, D, H, W) or a 2D image (H, W)"
             )
         if not _numeric(raw.dtype):
             raise ConfigurationError(
