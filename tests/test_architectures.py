@@ -5,6 +5,7 @@ the same."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import h5py
@@ -28,6 +29,12 @@ from unet3d_lightning.model import UNet3D
 from unet3d_lightning.module import UNet3DModule
 
 OLD = Path(__file__).parent / "data" / "unet_checkpoint_v0"
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(autouse=True)
+def command_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["unet3d"])
 ORDERS = ["crg", "gcr", "cbl", "ce"]
 
 
@@ -186,3 +193,25 @@ def test_checkpoint_from_before_architectures_loads_and_predicts_the_same(tmp_pa
     with h5py.File(tmp_path / "pred" / "volume_predictions.h5", "r") as now, \
             h5py.File(OLD / "expected_predictions.h5", "r") as before:
         np.testing.assert_allclose(now["predictions"][()], before["predictions"][()], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("config, architecture, spatial_dims", [
+    ("residual_unet.yaml", "residual_unet", 3), ("residual_se_unet.yaml", "residual_se_unet", 3),
+    ("demo_2d.yaml", "unet", 2),
+])
+def test_example_configs_run(tmp_path, monkeypatch, config, architecture, spatial_dims):
+    """Each architecture's example config trains (3 steps, on small stand-ins for the demo volumes it names)."""
+    from conftest import blob_volume, write_h5
+
+    for name, seed in (("train_0", 0), ("train_1", 1), ("val_0", 2)):
+        raw, label = blob_volume(shape=(8, 16, 16), seed=seed)
+        write_h5(tmp_path / "data" / "demo" / f"{name}.h5", raw=raw, label=label)
+    monkeypatch.chdir(tmp_path)  # the configs use relative data/ and runs/ paths
+    repo = Path(__file__).resolve().parents[1]
+    patch = "[8,16,16]" if spatial_dims == 3 else "[1,16,16]"
+    main(["fit", "--config", str(repo / "configs" / config), "--trainer.max_steps", "3", "--model.f_maps", "4",
+          "--data.train_patch_shape", patch, "--data.train_stride_shape", patch, "--data.val_patch_shape", patch,
+          "--data.val_stride_shape", patch, "--trainer.enable_progress_bar", "false"])
+    checkpoint = next((tmp_path / "runs").glob("*/lightning_logs/version_0/checkpoints/last.ckpt"))
+    hparams = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
+    assert (hparams["architecture"], hparams["spatial_dims"]) == (architecture, spatial_dims)

@@ -5,6 +5,7 @@ its networks with random weights, saved the way its trainer saves them, imported
 from __future__ import annotations
 
 import itertools
+import sys
 
 import h5py
 import numpy as np
@@ -19,6 +20,13 @@ from unet3d_lightning.module import UNet3DModule
 
 p3d_model = pytest.importorskip("pytorch3dunet.unet3d.model", reason="the pytorch3dunet test dependency (make install)")
 p3d_utils = pytest.importorskip("pytorch3dunet.unet3d.utils")
+
+
+
+@pytest.fixture(autouse=True)
+def command_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["unet3d"])
+
 
 CASES = {
     "UNet3D": dict(in_channels=1, out_channels=2, f_maps=8, num_levels=3, layer_order="gcr", num_groups=4),
