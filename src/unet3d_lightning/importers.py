@@ -142,7 +142,7 @@ def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[
         "f_maps": f_maps,
         "num_levels": num_levels,
         "layer_order": order,
-        "num_groups": int(model.get("num_groups", 8)),
+        "num_groups": int(model.get("num_groups") or 8),  # null in configs without GroupNorm
         "upsample": modes[upsample],
         # pytorch-3dunet's final activation: sigmoid masks (its BCE-style training) or a softmax over classes.
         "loss": "bce" if final_sigmoid else "ce",
