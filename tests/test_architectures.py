@@ -176,6 +176,31 @@ def test_module_saves_architecture_and_rebuilds_it(tmp_path):
     torch.testing.assert_close(loaded(x), module.eval()(x))
 
 
+def test_single_mask_model_scores_with_binary_metrics():
+    module = UNet3DModule(out_channels=1, loss="bce", f_maps=4, num_levels=2, num_groups=2)
+    probabilities = torch.tensor([0.9, 0.8, 0.2, 0.6]).view(1, 1, 1, 2, 2)
+    target = torch.tensor([1, 0, 0, 1]).view(1, 1, 1, 2, 2)
+    module.val_metrics.update(probabilities, target)
+    values = module.val_metrics.compute()
+    # mask (0.5 threshold) 1 1 0 1 against 1 0 0 1: TP 2, FP 1, FN 0 -> Dice 4 / 5, IoU 2 / 3
+    assert values["val/dice"].item() == pytest.approx(0.8)
+    assert values["val/iou"].item() == pytest.approx(2 / 3)
+
+
+def test_single_mask_model_trains(tmp_path, monkeypatch):
+    from conftest import blob_volume, write_h5
+
+    raw, label = blob_volume(shape=(8, 16, 16), seed=0)
+    write_h5(tmp_path / "a.h5", raw=raw, label=label[None])  # one binary mask, (1, D, H, W)
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--model.out_channels", "1", "--model.loss", "bce", "--model.architecture", "residual_unet",
+          "--model.f_maps", "4", "--model.num_levels", "2", "--model.num_groups", "2", "--data.train_paths", "[a.h5]",
+          "--data.val_paths", "[a.h5]", "--data.train_patch_shape", "[8,16,16]", "--data.num_workers", "0",
+          "--trainer.max_epochs", "1", "--trainer.logger", "false", "--checkpoint.dirpath", "ckpt",
+          "--trainer.enable_progress_bar", "false"])
+    assert (tmp_path / "ckpt" / "best.ckpt").is_file()
+
+
 # ----------------------------------------------------------------------------------------------- old checkpoints
 def test_checkpoint_from_before_architectures_loads_and_predicts_the_same(tmp_path, monkeypatch):
     checkpoint = torch.load(OLD / "model.ckpt", map_location="cpu", weights_only=True)

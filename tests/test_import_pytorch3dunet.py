@@ -29,7 +29,8 @@ def command_line(monkeypatch):
 
 
 CASES = {
-    "UNet3D": dict(in_channels=1, out_channels=2, f_maps=8, num_levels=3, layer_order="gcr", num_groups=4),
+    # one sigmoid mask, as boundary models (PlantSeg's, for one) have
+    "UNet3D": dict(in_channels=1, out_channels=1, f_maps=8, num_levels=3, layer_order="gcr", num_groups=4),
     "UNet3D-deconv-softmax": dict(in_channels=2, out_channels=3, f_maps=4, num_levels=3, layer_order="cbl",
                                   upsample="deconv", final_sigmoid=False),
     "ResidualUNet3D": dict(in_channels=1, out_channels=2, f_maps=[4, 8, 16], layer_order="gcr", num_groups=4),

@@ -11,6 +11,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
+    BinaryF1Score,
+    BinaryJaccardIndex,
     MulticlassF1Score,
     MulticlassJaccardIndex,
     MultilabelF1Score,
@@ -143,6 +145,12 @@ class UNet3DModule(pl.LightningModule):
             metrics = {
                 "dice": MulticlassF1Score(num_classes=c, average="none", ignore_index=ignore),
                 "iou": MulticlassJaccardIndex(num_classes=c, average="macro", ignore_index=ignore),
+            }
+        elif c == 1:
+            # One mask (the usual boundary or foreground model): torchmetrics' multilabel metrics need two labels.
+            metrics = {
+                "dice": BinaryF1Score(ignore_index=ignore),
+                "iou": BinaryJaccardIndex(ignore_index=ignore),
             }
         else:
             metrics = {
