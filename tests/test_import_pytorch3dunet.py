@@ -204,7 +204,6 @@ def run_import(capsys, tmp_path, model_config=None, model_path=None, output=None
     ({"f_maps": 16}, ["do not fit", "size mismatch"]),
     ({"out_channels": "two"}, ["out_channels"]),
     ({"layer_order": "cxr"}, ["layer_order 'cxr'"]),
-    ({"se_module": "cse"}, ["se_module"]),
 ])
 def test_unsupported_settings_end_in_one_error_line(tmp_path, capsys, change, words):
     line = run_import(capsys, tmp_path, {"name": "UNet3D", **CASES["UNet3D"], **change})
@@ -226,13 +225,14 @@ def test_wrong_files_end_in_one_error_line(tmp_path, capsys):
     assert existing.read_bytes() == b"keep me"
 
 
-def test_dropout_in_layer_order_is_dropped_with_a_note(tmp_path, capsys):
-    config = {"name": "UNet3D", **CASES["UNet3D"], "layer_order": "gcrd", "dropout_prob": 0.2}
+def test_dropout_in_layer_order_and_unknown_keys_are_dropped_with_a_note(tmp_path, capsys):
+    config = {"name": "UNet3D", **CASES["UNet3D"], "layer_order": "gcrd", "dropout_prob": 0.2, "testing": False}
     model = p3d_model.get_model(dict(config)).eval()
     checkpoint = save_like_their_trainer(model, tmp_path / "p3d")
     main(args=["import-pytorch3dunet", "--model_path", str(checkpoint), "--config",
                str(write_config(tmp_path / "c.yml", config)), "--output", str(tmp_path / "m.ckpt")])
-    assert "dropout" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "dropout" in err and "['testing'] ignored" in err
     ours = UNet3DModule.load_from_checkpoint(tmp_path / "m.ckpt", map_location="cpu").eval()
     x = torch.randn(1, 1, 8, 9, 10)
     with torch.no_grad():

@@ -32,6 +32,7 @@ Mapping of the ``model`` section (anything else ends in one ``error:`` line nami
 ``conv_kernel_size``,
 ``pool_kernel_size``
 ``dropout_prob``            ignored (no effect at prediction)
+any other key               ignored with a note, as pytorch-3dunet 1.9 ignores it (``testing`` of older configs)
 ==========================  ==================================================================================
 """
 
@@ -95,9 +96,12 @@ def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[
             f"{source}: model.name {name!r} is not supported; supported: {', '.join(SUPPORTED_MODELS)}"
         )
     architecture, spatial_dims = SUPPORTED_MODELS[name]
+    notes = []
     unknown = sorted(set(model) - _KNOWN)
     if unknown:
-        raise ConfigurationError(f"{source}: model settings {unknown} are not supported by the import")
+        # pytorch-3dunet 1.9 takes any other key and ignores it (older configs carry e.g. `testing`); a key that did
+        # change the network in some release shows as weights that do not fit, below.
+        notes.append(f"model settings {unknown} ignored (pytorch-3dunet 1.9 ignores them too)")
     for key, default in _FIXED.items():
         value = model.get(key, default)
         if value != default and not (isinstance(value, (list, tuple)) and set(value) == {default}):
@@ -112,7 +116,6 @@ def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[
             f"{source}: model.is_segmentation=false (a regression network without final activation) is not "
             "supported; only segmentation networks (sigmoid or softmax output) can be imported"
         )
-    notes = []
     order = str(model.get("layer_order", "gcr"))
     if "d" in order.lower():
         notes.append(f"layer_order {order!r}: dropout dropped (it does nothing at prediction)")
