@@ -559,3 +559,27 @@ def test_ddp_predict_to_zarr_equals_one_device(tmp_path, monkeypatch):
         np.testing.assert_allclose(double, single, atol=1e-5, rtol=0)
         np.testing.assert_allclose(single.sum(0), 1.0, atol=1e-5)
     assert sorted(os.listdir(outputs["2"])) == ["a_predictions.zarr", "b_predictions.zarr"]  # no temporaries
+
+
+# --------------------------------------------------------------------------------------------- chunk cache
+def test_cached_zarr_reads_equal_numpy_indexing_through_evictions(tmp_path):
+    rng = np.random.default_rng(11)
+    data = rng.normal(size=(2, 13, 17, 19)).astype(np.float32)
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="w")
+    group.create_array("raw", shape=data.shape, dtype=data.dtype, chunks=(1, 4, 5, 6))[...] = data
+    # room for about 12 chunks of 480 bytes: regions evict each other, and regions over half of it bypass the cache
+    cached = readers.CachedChunks(group["raw"], max_bytes=12 * 480)
+    assert cached.shape == data.shape and cached.chunks == (1, 4, 5, 6) and cached.dtype == np.float32
+    for _ in range(300):
+        index = []
+        for n in data.shape:
+            a, b = sorted(rng.integers(0, n + 1, 2))
+            index.append(int(rng.integers(-n, n)) if rng.random() < 0.15 else slice(int(a), int(b) + 1))
+        index = tuple(index)
+        got = cached[index]
+        np.testing.assert_array_equal(got, data[index])
+        if got.size:
+            got.flat[0] += 1  # a returned region is the caller's own: changing it changes no later read
+    np.testing.assert_array_equal(cached[()], data)
+    np.testing.assert_array_equal(cached[:, 2:9:3], data[:, 2:9:3])  # steps go to zarr directly
+    assert cached._bytes <= cached.max_bytes and cached._cache

@@ -23,8 +23,11 @@ Zarr and TIFF need the optional ``formats`` extra (``pip install 'unet3d-lightni
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +201,7 @@ class ZarrFile(VolumeFile):
             if level0 is None:
                 raise self._missing(key, "is not a dataset", self._arrays())
             return self.array(f"{name}/{level0}" if name else level0)
-        return self._squeezed(node, name)
+        return self._squeezed(CachedChunks(node), name)
 
     def _squeezed(self, array: Any, name: str) -> Any:
         """A level of an OME-Zarr image viewed without its length-1 time and channel axes.
@@ -220,6 +223,80 @@ class ZarrFile(VolumeFile):
         if len(keep) == array.ndim:
             return array
         return _AxisView(array, keep, tuple(range(len(keep))))
+
+
+class CachedChunks:
+    """A Zarr array read through a per-reader cache of decoded chunks (least recently used dropped first).
+
+    HDF5 keeps the decoded chunks of each open dataset (``CHUNK_CACHE_BYTES``), so the chunks that overlapping
+    patches share are read and decompressed once; zarr-python reads and decodes every chunk a region touches, on
+    every read, each read through its asynchronous store layer. Here a region read fetches the chunk-aligned box
+    around it in one zarr read when any of its chunks is missing, keeps those chunks, and is served from memory
+    when all of them are cached. Regions larger than half the cache (the z-slabs of the setup scan) bypass it.
+
+    Args:
+        array: the ``zarr.Array``.
+        max_bytes: the cache's size. Default ``volumes.CHUNK_CACHE_BYTES`` (64 MiB).
+    """
+
+    def __init__(self, array: Any, max_bytes: int | None = None) -> None:
+        self.array = array
+        self.shape = tuple(int(n) for n in array.shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.chunks = tuple(int(c) for c in array.chunks)
+        self.max_bytes = volumes.CHUNK_CACHE_BYTES if max_bytes is None else max_bytes
+        self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        index = index + (slice(None),) * (self.ndim - len(index))
+        simple = len(index) == self.ndim and all(
+            (isinstance(i, slice) and i.step in (None, 1)) or isinstance(i, (int, np.integer)) for i in index
+        )
+        if not simple:
+            return np.asarray(self.array[index])
+        bounds = []
+        for i, n in zip(index, self.shape):
+            if isinstance(i, slice):
+                start, stop, _ = i.indices(n)
+            else:
+                start = int(i) + n if i < 0 else int(i)
+                stop = start + 1
+            bounds.append((start, stop))
+        if any(stop <= start for start, stop in bounds):
+            return np.asarray(self.array[index])
+        first = [start // c for (start, _), c in zip(bounds, self.chunks)]
+        last = [(stop - 1) // c for (_, stop), c in zip(bounds, self.chunks)]
+        box = [slice(f * c, min((l + 1) * c, n)) for f, l, c, n in zip(first, last, self.chunks, self.shape)]
+        if math.prod(b.stop - b.start for b in box) * self.dtype.itemsize > self.max_bytes // 2:
+            return np.asarray(self.array[index])
+        keys = list(itertools.product(*(range(f, l + 1) for f, l in zip(first, last))))
+        drop = tuple(0 if isinstance(i, (int, np.integer)) else slice(None) for i in index)
+        if all(k in self._cache for k in keys):
+            out = np.empty([stop - start for start, stop in bounds], self.dtype)
+            for key in keys:
+                self._cache.move_to_end(key)
+                chunk = self._cache[key]
+                source, target = [], []
+                for k, c, (start, stop) in zip(key, self.chunks, bounds):
+                    lo, hi = max(start, k * c), min(stop, (k + 1) * c)
+                    source.append(slice(lo - k * c, hi - k * c))
+                    target.append(slice(lo - start, hi - start))
+                out[tuple(target)] = chunk[tuple(source)]
+            return out[drop]
+        block = np.asarray(self.array[tuple(box)])
+        for key in keys:
+            if key not in self._cache:
+                part = tuple(slice((k - f) * c, (k - f + 1) * c) for k, f, c in zip(key, first, self.chunks))
+                chunk = self._cache[key] = block[part].copy()
+                self._bytes += chunk.nbytes
+            self._cache.move_to_end(key)
+        while self._bytes > self.max_bytes:
+            self._bytes -= self._cache.popitem(last=False)[1].nbytes
+        region = tuple(slice(start - b.start, stop - b.start) for (start, stop), b in zip(bounds, box))
+        return block[region][drop].copy()
 
 
 def _multiscales(group: Any) -> Any:
