@@ -226,7 +226,8 @@ class ZarrFile(VolumeFile):
 
 
 class CachedChunks:
-    """A Zarr array read through a per-reader cache of decoded chunks (least recently used dropped first).
+    """A Zarr array (a store's, or tifffile's view of a TIFF's pages) read through a per-reader cache of decoded
+    chunks (least recently used dropped first).
 
     HDF5 keeps the decoded chunks of each open dataset (``CHUNK_CACHE_BYTES``), so the chunks that overlapping
     patches share are read and decompressed once; zarr-python reads and decodes every chunk a region touches, on
@@ -401,7 +402,7 @@ class TiffFile(VolumeFile):
         kept_axes = "".join(axes[i] for i in keep)
         order = self._order(kept_axes, shape, axes)
         try:
-            stored = zarr.open(series.aszarr(), mode="r")
+            stored = CachedChunks(zarr.open(series.aszarr(), mode="r"))  # chunks: pages or tiles
         except Exception as err:  # noqa: BLE001 - any layout the Zarr view refuses is read whole instead
             try:
                 whole = series.asarray()
