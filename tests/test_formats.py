@@ -380,6 +380,35 @@ def test_nan_in_raw(tmp_path, fmt):
     assert f"volume {args['paths'][0]}: dataset 'raw'" in message and "1 NaN" in message
 
 
+@pytest.mark.parametrize("name", ["absent.zarr", "absent.ome.zarr", "absent.tif"])
+def test_missing_file(tmp_path, name):
+    message = setup_error({"paths": [str(tmp_path / name)]})
+    assert str(tmp_path / name) in message and "does not exist" in message
+
+
+@pytest.mark.parametrize("fmt", BAD_FORMATS)
+def test_inf_in_raw_and_volume_smaller_than_the_patch(tmp_path, fmt):
+    raw, label = good()
+    raw[1, 1, 2] = -np.inf
+    args = store(tmp_path, fmt, "a", raw, label)
+    message = setup_error(args)
+    assert f"volume {args['paths'][0]}: dataset 'raw'" in message and "1 Inf" in message
+    raw, label = good(shape=(8, 12, 6))
+    args = store(tmp_path, fmt, "b", raw, label)
+    message = setup_error(args)
+    assert args["paths"][0] in message and "axis x" in message and "smaller than the patch" in message
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_negative_weights_in_zarr(tmp_path, zarr_format):
+    raw, label = good()
+    weight = np.ones(raw.shape, np.float32)
+    weight[7, 11, 11] = -0.25
+    path = write_zarr(tmp_path / "a.zarr", zarr_format, raw=raw, label=label, weight=weight)
+    message = setup_error({"paths": [str(path)]}, weight_internal_path="weight")
+    assert str(path) in message and "'weight'" in message and "1 negative" in message and "-0.25" in message
+
+
 @pytest.mark.parametrize("zarr_format", [2, 3])
 def test_missing_zarr_array_lists_the_existing_ones(tmp_path, zarr_format):
     raw, label = good()

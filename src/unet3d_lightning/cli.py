@@ -271,8 +271,8 @@ def main(args: list[str] | None = None) -> None:
             save_config_callback=SaveRunConfig,
             parser_class=ArgumentParser,
             parser_kwargs={"description": "Train and apply a 3D U-Net (Çiçek et al. 2016) with the losses of Sudre et "
-                           "al. 2017 on HDF5 volumes. Run 'unet3d SUBCOMMAND --help' for a subcommand's options. "
-                           "'unet3d import-pytorch3dunet --model_path FILE --config train_config.yml --output "
+                           "al. 2017 on HDF5, Zarr or TIFF volumes. Run 'unet3d SUBCOMMAND --help' for a subcommand's "
+                           "options. 'unet3d import-pytorch3dunet --model_path FILE --config train_config.yml --output "
                            "model.ckpt' converts a model trained with pytorch-3dunet."},
             auto_configure_optimizers=False,
             trainer_defaults={
