@@ -90,7 +90,7 @@ def store(tmp_path: Path, fmt: str, name: str, raw: np.ndarray, label: np.ndarra
         return {"paths": [str(path)], "raw_internal_path": "0", "label_internal_path": "labels/cells"}
     assert fmt == "tiff"
     path = tmp_path / f"{name}.tif"
-    tifffile.imwrite(path, raw, metadata={"axes": "CZYX" if raw.ndim == 4 else "ZYX"})
+    tifffile.imwrite(path, raw, metadata={"axes": {4: "CZYX", 3: "ZYX", 2: "YX"}[raw.ndim]})
     args = {"paths": [str(path)]}
     if label is not None:
         tifffile.imwrite(tmp_path / f"{name}_label.tif", label)
@@ -100,8 +100,9 @@ def store(tmp_path: Path, fmt: str, name: str, raw: np.ndarray, label: np.ndarra
 
 def training(args: dict, **kwargs) -> HDF5DataModule:
     kwargs.setdefault("num_workers", 0)
+    kwargs.setdefault("train_patch_shape", PATCH)
     return HDF5DataModule(
-        train_paths=args["paths"], val_paths=args["paths"], train_patch_shape=PATCH, batch_size=2, seed=3,
+        train_paths=args["paths"], val_paths=args["paths"], batch_size=2, seed=3,
         raw_internal_path=args.get("raw_internal_path", "raw"),
         label_internal_path=args.get("label_internal_path", "label"),
         label_paths={"train": args["label_paths"], "val": args["label_paths"]} if "label_paths" in args else None,
@@ -588,6 +589,20 @@ def test_ddp_predict_to_zarr_equals_one_device(tmp_path, monkeypatch):
         np.testing.assert_allclose(double, single, atol=1e-5, rtol=0)
         np.testing.assert_allclose(single.sum(0), 1.0, atol=1e-5)
     assert sorted(os.listdir(outputs["2"])) == ["a_predictions.zarr", "b_predictions.zarr"]  # no temporaries
+
+
+def test_2d_images_in_zarr_and_tiff_are_one_slice_volumes(tmp_path):
+    raw, label = blob_volume(shape=(1, 16, 16), seed=9)
+    raw, label = raw[0], label[0]
+    common = {"train_patch_shape": (1, 8, 8), "augmentation": Augmentation(rotate90=False)}
+    expected = batches(training(store(tmp_path, "hdf5", "image", raw, label), **common))
+    for fmt in ("zarr2", "tiff"):
+        args = store(tmp_path, fmt, "image", raw, label)
+        dm = training(args, **common)
+        got = batches(dm)
+        assert dm.volumes["train"][0].spatial_shape == (1, 16, 16) and len(got) == len(expected) == 5
+        for mine, theirs in zip(got, expected):
+            assert torch.equal(mine["raw"], theirs["raw"]) and torch.equal(mine["label"], theirs["label"])
 
 
 # --------------------------------------------------------------------------------------------- chunk cache

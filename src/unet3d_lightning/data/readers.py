@@ -201,7 +201,7 @@ class ZarrFile(VolumeFile):
             if level0 is None:
                 raise self._missing(key, "is not a dataset", self._arrays())
             return self.array(f"{name}/{level0}" if name else level0)
-        return self._squeezed(CachedChunks(node), name)
+        return _one_slice(self._squeezed(CachedChunks(node), name))
 
     def _squeezed(self, array: Any, name: str) -> Any:
         """A level of an OME-Zarr image viewed without its length-1 time and channel axes.
@@ -298,6 +298,11 @@ class CachedChunks:
             self._bytes -= self._cache.popitem(last=False)[1].nbytes
         region = tuple(slice(start - b.start, stop - b.start) for (start, stop), b in zip(bounds, box))
         return block[region][drop].copy()
+
+
+def _one_slice(array: Any) -> Any:
+    """A 2D ``(H, W)`` image as the one-slice volume ``(1, H, W)``, as HDF5 datasets are read."""
+    return volumes.OneSlice(array) if array.ndim == 2 else array
 
 
 def _multiscales(group: Any) -> Any:
@@ -415,7 +420,7 @@ class TiffFile(VolumeFile):
                 f"into memory, {whole.nbytes / 2**20:,.0f} MiB in each reading process", stacklevel=2,
             )
             stored = whole
-        return _AxisView(stored, keep, order)
+        return _one_slice(_AxisView(stored, keep, order))
 
     def _order(self, kept_axes: str, shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
         """The stored axis of each axis of the ``(D, H, W)`` or ``(C, D, H, W)`` view."""
