@@ -154,3 +154,24 @@ def test_2d_image_datasets_are_one_slice_volumes(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = module.eval().net(torch.from_numpy(standardised(raw[0]))[None, None]).softmax(1)[0]
     np.testing.assert_allclose(predicted[:, 0], expected.numpy(), rtol=0, atol=1e-5)
+
+
+def test_flip_tta_of_one_slice_patches_uses_the_four_in_plane_flips():
+    from unet3d_lightning.module import flip_tta
+
+    torch.manual_seed(0)
+    module = UNet3DModule(f_maps=4, num_levels=2, num_groups=2, spatial_dims=2).eval()
+    x = torch.randn(2, 1, 1, 10, 9)
+    calls = []
+
+    def predict(batch):
+        calls.append(batch)
+        return module.final_activation(module(batch))
+
+    with torch.no_grad():
+        averaged = flip_tta(predict, x)
+        net = module.net
+        expected = sum(net(x[:, :, 0].flip(d) if d else x[:, :, 0]).softmax(1).flip(d) if d else
+                       net(x[:, :, 0]).softmax(1) for d in [(), (2,), (3,), (2, 3)]) / 4
+    assert len(calls) == 4
+    torch.testing.assert_close(averaged[:, :, 0], expected, atol=1e-6, rtol=0)

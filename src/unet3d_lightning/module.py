@@ -343,9 +343,12 @@ def _user_error(function: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def flip_tta(predict: Any, x: Tensor) -> Tensor:
-    """Average of ``predict`` over the 8 flips of the three spatial axes (each flipped back before averaging)."""
+    """Average of ``predict`` over the 8 flips of the three spatial axes (each flipped back before averaging); over
+    the 4 flips of y and x for one-slice patches (2D models), where a z flip changes nothing."""
     total = None
     flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+    if x.shape[2] == 1:
+        flips = [dims for dims in flips if 2 not in dims]
     for dims in flips:
         out = predict(x.flip(dims) if dims else x).float()
         out = out.flip(dims) if dims else out
