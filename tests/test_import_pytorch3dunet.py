@@ -146,15 +146,16 @@ def starts(size, patch, stride):
     return out if out[-1] == size - patch else out + [size - patch]
 
 
-@pytest.mark.parametrize("case", ["UNet3D", "UNet2D"])
+@pytest.mark.parametrize("case", ["UNet3D", "ResidualUNetSE3D", "UNet2D"])
 def test_predict_on_imported_checkpoint_equals_their_blended_output(tmp_path, monkeypatch, case):
     model, config, output = import_model(tmp_path, case)
     rng = np.random.default_rng(3)
-    volume = (rng.normal(200, 30, (8, 20, 18)) if case == "UNet3D" else rng.normal(200, 30, (3, 20, 18)))
+    two_d = case == "UNet2D"
+    volume = rng.normal(200, 30, (3, 20, 18) if two_d else (8, 20, 18))
     volume = volume.astype(np.float32)
     with h5py.File(tmp_path / "vol.h5", "w") as f:
         f["raw"] = volume
-    patch, stride = ([6, 12, 12], [2, 8, 6]) if case == "UNet3D" else ([1, 12, 12], [1, 8, 6])
+    patch, stride = ([1, 12, 12], [1, 8, 6]) if two_d else ([6, 12, 12], [2, 8, 6])
     monkeypatch.chdir(tmp_path)
     main(args=["predict", "--ckpt_path", "model.ckpt", "--data.predict_paths", "[vol.h5]",
                "--data.predict_patch_shape", str(patch), "--data.predict_stride_shape", str(stride),
@@ -171,8 +172,8 @@ def test_predict_on_imported_checkpoint_equals_their_blended_output(tmp_path, mo
         region = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x0, x0 + patch[2]))
         data = torch.from_numpy(x[region])
         with torch.no_grad():
-            out = model(data[None, None] if case == "UNet3D" else data[None])  # UNet2D: the slice as (1, 1, H, W)
-        total[(slice(None), *region)] += out[0].numpy() if case == "UNet3D" else out[0, :, None].numpy()
+            out = model(data[None] if two_d else data[None, None])  # UNet2D: the slice as (1, 1, H, W)
+        total[(slice(None), *region)] += out[0, :, None].numpy() if two_d else out[0].numpy()
         count[region] += 1
     expected = total / count
     assert predicted.shape == expected.shape
