@@ -11,8 +11,8 @@ Layout of a volume file (the original pytorch-3dunet's):
   ``(C, D, H, W)`` binary masks, one per output channel;
 - optional ``/weight`` (any name): per-voxel loss weights, ``(D, H, W)`` or shaped like the label.
 
-A 2D HDF5 dataset ``(H, W)`` is read as the one-slice volume ``(1, H, W)`` (:class:`OneSlice`), for 2D images and
-the 2D networks that work on z-slices; a 2D ``(C, H, W)`` multi-channel image cannot be told from a volume and must
+A 2D dataset ``(H, W)`` (HDF5 dataset, Zarr array, TIFF image) is read as the one-slice volume ``(1, H, W)``
+(:class:`OneSlice`), for 2D images and the 2D networks that work on z-slices; a 2D ``(C, H, W)`` multi-channel image cannot be told from a volume and must
 be stored as ``(C, 1, H, W)``.
 """
 
@@ -51,7 +51,7 @@ READ_ERRORS = (OSError, RuntimeError, KeyError)
 
 
 class OneSlice:
-    """A 2D ``(H, W)`` HDF5 dataset seen as the volume ``(1, H, W)``: indexed like the volume, read from the image."""
+    """A 2D ``(H, W)`` array seen as the volume ``(1, H, W)``: indexed like the volume, read from the image."""
 
     def __init__(self, dataset: h5py.Dataset) -> None:
         self.dataset = dataset
