@@ -125,10 +125,13 @@ class UNet3DCLI(LightningCLI):
             return
         if not ckpt_path:
             raise ConfigurationError("predict needs --ckpt_path, the checkpoint of a trained model (e.g. best.ckpt)")
-        resolve_paths(config.data.predict_paths, "predict")
+        volumes = resolve_paths(config.data.predict_paths, "predict")
         if not config.data.predict_paths:
             raise ConfigurationError("data.predict_paths is empty: give the volumes to predict")
-        check_output_dir(config.prediction.output_dir)
+        # Checked, not created: the writer creates it once every input check has passed, so a failed run leaves no
+        # directory behind.
+        check_output_dir(config.prediction.output_dir, volumes, create=False, other_inputs=[ckpt_path],
+                         format=config.prediction.get("format", "hdf5"))
         self._data_settings_from_checkpoint(ckpt_path, config)
 
     def _data_settings_from_checkpoint(self, ckpt_path: str, config: Any) -> None:

@@ -88,10 +88,25 @@ def open_h5(path: str | os.PathLike, role: str = "input") -> h5py.File:
     except FileNotFoundError:
         raise ConfigurationError(f"{role} volume {path}: file does not exist") from None
     except READ_ERRORS as err:
+        if is_lock_error(err):
+            raise ConfigurationError(
+                f"{role} volume {path}: the file is locked by another process (one still writing it?); wait until "
+                "it has finished, or, on a read-only or network file system whose locks are unreliable, set "
+                "HDF5_USE_FILE_LOCKING=FALSE"
+            ) from None
         raise ConfigurationError(
             f"{role} volume {path}: cannot be read as an HDF5 file ({error_summary(err)}); it may be truncated or "
             "not HDF5"
         ) from None
+
+
+def is_lock_error(err: BaseException) -> bool:
+    """Whether an exception from opening an HDF5 file means another process holds the file's lock.
+
+    HDF5 locks files (``flock``) while they are open; a writer's exclusive lock makes readers fail with EAGAIN
+    ("unable to lock file"), which is not damage to the file.
+    """
+    return isinstance(err, BlockingIOError) or "unable to lock file" in str(err).lower()
 
 
 def resolve_paths(entries: Sequence[str | os.PathLike] | str | os.PathLike | None, role: str) -> list[Path]:
@@ -104,6 +119,9 @@ def resolve_paths(entries: Sequence[str | os.PathLike] | str | os.PathLike | Non
     Args:
         entries: one path or pattern, a list of them, or None (no volumes).
         role: ``"train"``, ``"val"``, ``"test"`` or ``"predict"``, for the error messages.
+
+    A name that exists (a file or a directory) is taken as it is, even when it holds glob characters (``[``, ``]``,
+    ``*``, ``?``): ``scan[1].h5`` is that file, not ``scan1.h5``. Only a name that does not exist is a pattern.
 
     Returns:
         The files, each pattern's and directory's matches sorted by name, in the order of ``entries``; a file listed
@@ -217,12 +235,19 @@ def error_summary(err: BaseException) -> str:
 
 
 def _dataset(file: h5py.File, key: str, path: Path, role: str) -> h5py.Dataset:
+    """The dataset ``key`` of an open volume file, after checking that it and the data behind it are there.
+
+    h5py answers None for a link whose target is missing, which would read as "does not exist"; a virtual dataset
+    whose source is missing reads as its fill value without any error. Both are found here and named.
+    """
     try:
         obj = file.get(key)
     except READ_ERRORS as err:
         raise ConfigurationError(
             f"{role} volume {path}: dataset '{key}' cannot be read ({error_summary(err)}); the file may be corrupt"
         ) from None
+    if obj is None:
+        _check_links(file, key, path, role)
     if not isinstance(obj, h5py.Dataset):
         found: list[str] = []
         try:
@@ -233,7 +258,103 @@ def _dataset(file: h5py.File, key: str, path: Path, role: str) -> h5py.Dataset:
         raise ConfigurationError(
             f"{role} volume {path}: dataset '{key}' {what}; datasets in the file: {found or 'none'}"
         )
+    if obj.is_virtual:
+        _check_virtual_sources(obj, key, path, role)
     return as_volume(obj)
+
+
+def _linked_file(name: str, holder: Path, env: str) -> Path | None:
+    """Where HDF5 finds the file ``name`` that a link or virtual dataset in ``holder`` refers to, or None.
+
+    The order HDF5 documents for external links and virtual dataset sources: an absolute name as it is; a relative
+    one under the prefix in the environment variable ``env`` (``HDF5_EXT_PREFIX``, ``HDF5_VDS_PREFIX``; ``${ORIGIN}``
+    is the holder's directory), then beside the holder, then in the working directory.
+    """
+    if os.path.isabs(name):
+        return Path(name) if os.path.isfile(name) else None
+    prefixes = [p.replace("${ORIGIN}", str(holder.parent)) for p in os.environ.get(env, "").split(os.pathsep) if p]
+    for directory in (*prefixes, str(holder.parent), os.getcwd()):
+        candidate = Path(directory) / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _check_links(file: h5py.File, key: str, path: Path, role: str) -> None:
+    """Raise naming the link target when ``key`` (or a group on its way) is a soft or external link that leads
+    nowhere; return quietly when the name simply does not exist."""
+    group: Any = file
+    walked = ""
+    for part in [p for p in key.split("/") if p]:
+        walked = f"{walked}/{part}"
+        try:
+            link = group.get(part, getlink=True)
+            target = group.get(part)
+        except READ_ERRORS:
+            return  # reported by the caller as unreadable or missing
+        if link is None:
+            return
+        if target is None and isinstance(link, h5py.ExternalLink):
+            name = walked.lstrip("/")
+            where = f"{role} volume {path}: '{name}' is an external link to '{link.path}' in {link.filename}"
+            found = _linked_file(link.filename, path, "HDF5_EXT_PREFIX")
+            if found is None:
+                raise ConfigurationError(
+                    f"{where}, and that file does not exist (looked beside {path} and in the working directory); "
+                    "restore it or store the data in the volume file itself"
+                )
+            raise ConfigurationError(
+                f"{where}, and {found} has no object '{link.path}' (or cannot be read); fix the link or the file"
+            )
+        if target is None and isinstance(link, h5py.SoftLink):
+            raise ConfigurationError(
+                f"{role} volume {path}: '{walked.lstrip('/')}' is a soft link to '{link.path}', which does not exist "
+                "in the file; fix the link"
+            )
+        if target is None:
+            return
+        group = target
+
+
+def _check_virtual_sources(dataset: h5py.Dataset, key: str, path: Path, role: str) -> None:
+    """Check that every source file and dataset of a virtual dataset exists; HDF5 would silently read fill values
+    for the missing ones."""
+    by_file: dict[str, set[str]] = {}
+    for source in dataset.virtual_sources():
+        by_file.setdefault(source.file_name, set()).add(source.dset_name)
+    for name, keys in by_file.items():
+        if "%" in name:
+            continue  # a printf-style file pattern of an unlimited dataset: no fixed file to check
+        where = f"{role} volume {path}: dataset '{key}' is a virtual dataset whose source"
+        if name == ".":
+            found, source_file = path, dataset.file
+        else:
+            found = _linked_file(name, path, "HDF5_VDS_PREFIX")
+            if found is None:
+                raise ConfigurationError(
+                    f"{where} file {name} does not exist (looked beside {path} and in the working directory); "
+                    "HDF5 would read fill values in its place: restore the file or rebuild the virtual dataset"
+                )
+            try:
+                source_file = h5py.File(found, "r")
+            except READ_ERRORS as err:
+                raise ConfigurationError(
+                    f"{where} file {found} cannot be read as an HDF5 file ({error_summary(err)})"
+                ) from None
+        try:
+            for dset in sorted(keys):
+                try:
+                    ok = isinstance(source_file.get(dset), h5py.Dataset)
+                except READ_ERRORS:
+                    ok = False
+                if not ok:
+                    raise ConfigurationError(
+                        f"{where} file {found} has no dataset '{dset}'; HDF5 would read fill values in its place: "
+                        "fix the source or rebuild the virtual dataset"
+                    )
+        finally:
+            if source_file is not dataset.file:
+                source_file.close()
 
 
 def open_volume(
@@ -270,10 +391,7 @@ def open_volume(
                 f"{role} volume {path}: dataset '{raw_internal_path}' has shape {raw.shape}; expected (D, H, W), "
                 "channel-first (C, D, H, W) or a 2D image (H, W)"
             )
-        if not _numeric(raw.dtype):
-            raise ConfigurationError(
-                f"{role} volume {path}: dataset '{raw_internal_path}' has non-numeric dtype {raw.dtype}"
-            )
+        check_dtype(raw.dtype, f"{role} volume {path}: dataset '{raw_internal_path}'")
         spatial = tuple(int(s) for s in raw.shape[-3:])
         if min(raw.shape) < 1:
             raise ConfigurationError(
@@ -292,10 +410,7 @@ def open_volume(
                     f"'{raw_internal_path}' has spatial shape {spatial}; labels must be (D, H, W) class ids or "
                     "(C, D, H, W) binary masks of the same spatial shape"
                 )
-            if not _numeric(label.dtype):
-                raise ConfigurationError(
-                    f"{role} volume {label_file}: dataset '{label_internal_path}' has non-numeric dtype {label.dtype}"
-                )
+            check_dtype(label.dtype, f"{role} volume {label_file}: dataset '{label_internal_path}'")
             volume.label_internal_path = label_internal_path
             volume.label_kind = "class_ids" if label.ndim == 3 else "binary"
             volume.label_channels = int(label.shape[0]) if label.ndim == 4 else None
@@ -309,17 +424,64 @@ def open_volume(
                     f"{role} volume {label_file}: dataset '{weight_internal_path}' has shape {weight.shape}; per-voxel "
                     f"weights must have the spatial shape {spatial}, as (D, H, W) or like a 4D label (C, D, H, W)"
                 )
-            if not _numeric(weight.dtype):
-                raise ConfigurationError(
-                    f"{role} volume {label_file}: dataset '{weight_internal_path}' has non-numeric dtype {weight.dtype}"
-                )
+            check_dtype(weight.dtype, f"{role} volume {label_file}: dataset '{weight_internal_path}'")
             volume.weight_internal_path = weight_internal_path
             volume.weight_is_4d = weight.ndim == 4
     return volume
 
 
-def _numeric(dtype: np.dtype) -> bool:
-    return bool(np.issubdtype(dtype, np.number) or dtype == bool)
+# ----------------------------------------------------------------------------------- checks of any array source
+# These take an array or a dtype and ``where`` (the "<role> volume <file>: dataset '<key>'" of the message), so
+# every storage format applies the same rules.
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_dtype(dtype: np.dtype, where: str) -> None:
+    """Raise unless values of ``dtype`` can be cast to the float32 the network computes in without losing meaning.
+
+    Args:
+        dtype: the stored dtype.
+        where: the file and dataset, as the message names them.
+
+    Raises:
+        ConfigurationError: a non-numeric dtype (strings, compounds), or a complex one, whose imaginary part the cast
+        would drop with only a numpy warning.
+    """
+    if np.issubdtype(dtype, np.complexfloating):
+        raise ConfigurationError(
+            f"{where} has complex dtype {dtype}, but the network takes real values and the imaginary part would be "
+            "dropped; store the magnitude (abs), the real part, or real and imaginary parts as two channels"
+        )
+    if not (np.issubdtype(dtype, np.number) or dtype == bool):
+        raise ConfigurationError(f"{where} has non-numeric dtype {dtype}")
+
+
+def check_float32_values(block: np.ndarray, where: str, rows: str, fix: str) -> None:
+    """Raise if ``block`` holds values that are not finite as the network sees them, after the cast to float32.
+
+    Args:
+        block: values as stored (any numeric dtype).
+        where: the file and dataset, as the message names them.
+        rows: where in the dataset ``block`` lies, for the message ("z rows 0-63").
+        fix: what the user should do about NaN or Inf.
+
+    Raises:
+        ConfigurationError: NaN or Inf, or finite float64 values beyond float32's range (about ±3.4e38), which the
+        cast would turn into Inf (and training into NaN).
+    """
+    if not np.issubdtype(block.dtype, np.floating):
+        return  # every integer type, up to uint64 (1.8e19), fits float32's range
+    finite = np.isfinite(block)
+    if not finite.all():
+        raise ConfigurationError(f"{where} contains {_non_finite(block, finite)} in {rows}; {fix}")
+    if block.dtype.itemsize > 4 and block.size:
+        largest = float(np.abs(block).max())
+        if largest > FLOAT32_MAX:
+            raise ConfigurationError(
+                f"{where} holds values up to {largest:.3g} in {rows}, beyond the float32 range (±3.4e38) the network "
+                "computes in, where they would become Inf; rescale the data to a smaller range"
+            )
 
 
 def _blocks(shape: tuple[int, int, int], channels: int) -> Iterator[slice]:
@@ -393,13 +555,8 @@ def scan_volume(
         for zs in _blocks(volume.spatial_shape, c):
             block = _read(raw, zs, volume, raw_key)
             spatial = block if volume.raw_is_4d else block[None]
-            if np.issubdtype(spatial.dtype, np.floating):
-                finite = np.isfinite(spatial)
-                if not finite.all():
-                    raise ConfigurationError(
-                        f"{volume.describe(raw_key)} contains {_non_finite(spatial, finite)} in z rows "
-                        f"{zs.start}-{zs.stop - 1}; clean or mask the raw data first"
-                    )
+            rows = f"z rows {zs.start}-{zs.stop - 1}"
+            check_float32_values(spatial, volume.describe(raw_key), rows, "clean or mask the raw data first")
             if step:
                 first = (-zs.start) % step  # keeps the lattice z = 0, step, 2 step, ... across slabs
                 samples.append(spatial[:, first::step, ::step, ::step].reshape(c, -1))
@@ -469,9 +626,7 @@ def _check_label_block(volume: Volume, block: np.ndarray, out_channels: int, ign
 def _check_weight_block(volume: Volume, block: np.ndarray, zs: slice) -> None:
     where = volume.describe(volume.weight_internal_path, "weight")
     rows = f"z rows {zs.start}-{zs.stop - 1}"
-    if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
-        raise ConfigurationError(f"{where} contains {_non_finite(block, np.isfinite(block))} in {rows}; "
-                                 "weights must be finite")
+    check_float32_values(block, where, rows, "weights must be finite")
     negative = block < 0
     if negative.any():
         raise ConfigurationError(

@@ -31,6 +31,9 @@ The predict dataloader's dataset must expose ``plans``: one entry per volume wit
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import math
 import os
 import queue
 import shutil
@@ -38,7 +41,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -97,18 +100,106 @@ class _ZarrOutput:
         pass  # every chunk and metadata document is written when its write returns
 
 
-def check_output_dir(output_dir: str | os.PathLike) -> Path:
-    """Create ``output_dir`` if needed and make sure files can be created in it; raise a one-line error if not."""
+def check_output_dir(
+    output_dir: str | os.PathLike,
+    volumes: Sequence[str | os.PathLike] = (),
+    create: bool = True,
+    other_inputs: Sequence[str | os.PathLike] = (),
+    format: str = "hdf5",
+) -> list[Path]:
+    """Check that prediction can write into ``output_dir`` without touching any input; create it if ``create``.
+
+    Args:
+        output_dir: the directory of the output files.
+        volumes: the volumes to predict. No output file (``<output_dir>/<stem>_predictions.h5`` for each) may be
+            an input (a volume or one of ``other_inputs``) under any spelling: the same resolved path, or the same
+            file through a symbolic or hard link; nor may two volumes share one. Default: none.
+        create: create the missing directories and probe that a file can be written there. Default True. With False
+            (checks before the run, which must leave nothing behind) only the nearest existing ancestor is checked.
+        other_inputs: further files the run reads (the checkpoint). Default: none.
+        format: the output format, ``"hdf5"`` or ``"zarr"`` (see :func:`output_path`). Default ``"hdf5"``.
+
+    Returns:
+        The directories that were created, deepest first (empty with ``create=False``); remove them with
+        :func:`remove_created_dirs` if the run fails.
+
+    Raises:
+        ConfigurationError: the directory is not writable or is a file, two volumes would be written to the same
+        file, or an output would overwrite an input.
+    """
     path = Path(output_dir).expanduser()
+    check_collisions(path, [Path(p) for p in volumes], [Path(p) for p in other_inputs], format)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigurationError(
+            f"prediction.output_dir {path}: not writable ({existing} is a file, not a directory); choose a directory"
+        )
+    if not create:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigurationError(f"prediction.output_dir {path}: not writable (permission denied in {existing})")
+        return []
+    created = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".unet3d-write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as err:
+        remove_created_dirs(created)
         reason = err.strerror or type(err).__name__
         raise ConfigurationError(f"prediction.output_dir {path}: not writable ({reason})") from None
-    return path
+    return created
+
+
+def remove_created_dirs(created: Sequence[Path]) -> None:
+    """Remove the directories :func:`check_output_dir` created, deepest first, as far as they are empty."""
+    for directory in created:
+        try:
+            directory.rmdir()
+        except OSError:
+            return  # not empty (or already gone): it and its parents stay
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def check_collisions(
+    output_dir: Path, volumes: Sequence[Path], other_inputs: Sequence[Path] = (), format: str = "hdf5"
+) -> None:
+    """Raise if two volumes share an output file, or an output file (or ``output_dir``) is an input: the same
+    resolved path, or the same inode (a hard link, or a symbolic link that ``resolve`` follows too)."""
+    inputs = [*volumes, *other_inputs]
+    by_path = {p.resolve(): p for p in inputs}
+    by_inode = {key: p for p in inputs if (key := _file_key(p)) is not None}
+    if output_dir.resolve() in by_path:
+        raise ConfigurationError(
+            f"prediction.output_dir {output_dir} is the input file {by_path[output_dir.resolve()]}; choose a directory"
+        )
+    outputs: dict[Path, Path] = {}
+    for volume in volumes:
+        final = output_path(output_dir, volume, format)
+        resolved = final.resolve()
+        if resolved in outputs:
+            raise ConfigurationError(
+                f"predict volumes {outputs[resolved]} and {volume} would both be written to {final}; rename one or "
+                "predict them in separate runs"
+            )
+        outputs[resolved] = volume
+        clash = by_path.get(resolved)
+        if clash is None and (key := _file_key(final)) is not None:
+            clash = by_inode.get(key)
+        if clash is not None:
+            raise ConfigurationError(
+                f"prediction.output_dir {output_dir}: the prediction of {volume} would be written to {final}, which "
+                f"is the input {clash}; inputs are never overwritten: choose another prediction.output_dir"
+            )
 
 
 class _BackgroundWriter:
@@ -268,11 +359,15 @@ class _VolumeOutput:
         self.final = final
         self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         self.format = format
-        if format == "zarr":
-            shutil.rmtree(self.tmp, ignore_errors=True)  # left by a killed run of a process with our pid
-            self.file: Any = _ZarrOutput(self.tmp, compression)
-        else:
-            self.file = h5py.File(self.tmp, "w")
+        try:
+            if format == "zarr":
+                shutil.rmtree(self.tmp, ignore_errors=True)  # left by a killed run of a process with our pid
+                self.file: Any = _ZarrOutput(self.tmp, compression)
+            else:
+                self.file = h5py.File(self.tmp, "w")
+        except BaseException:
+            self._remove_tmp()  # it may exist before the failure (HDF5 creates the file, then fails on a full disk)
+            raise
         try:
             d, h, w = (int(n) for n in shape)
             self.scale = 255.0 if dtype == "uint8" else 1.0
@@ -317,13 +412,21 @@ class _VolumeOutput:
             os.replace(self.tmp, self.final)
 
     def discard(self) -> None:
+        """Close and delete the temporary file; never raises, since it runs while another error is handled."""
         try:
             self.file.close()
-        finally:
+        except Exception:  # noqa: BLE001 - flushing to a full disk fails again; the first error is the one to report
+            pass
+        self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
+        try:
             if self.format == "zarr":
                 shutil.rmtree(self.tmp, ignore_errors=True)
             else:
                 self.tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _replace_directory(source: Path, final: Path) -> None:
@@ -411,6 +514,7 @@ class PredictionWriter(Callback):
         self.tta = tta
         self.format = format
         self.written: list[Path] = []
+        self._created: list[Path] = []  # directories this run created, removed again if it fails
         self._reset()
 
     def _reset(self) -> None:
@@ -428,7 +532,7 @@ class PredictionWriter(Callback):
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "predict" and trainer.is_global_zero:
-            check_output_dir(self.output_dir)
+            self._created = check_output_dir(self.output_dir)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
@@ -440,16 +544,11 @@ class PredictionWriter(Callback):
             raise ConfigurationError(
                 "PredictionWriter needs the predict dataset of HDF5DataModule (one with 'plans' of volumes and grids)"
             )
-        finals: dict[Path, Path] = {}
-        for plan in plans:
-            final = output_path(self.output_dir, plan.volume.path, self.format)
-            if final in finals:
-                raise ConfigurationError(
-                    f"predict volumes {finals[final]} and {plan.volume.path} would both be written to {final}; "
-                    "rename one or predict them in separate runs"
-                )
-            finals[final] = plan.volume.path
+        check_collisions(
+            Path(self.output_dir).expanduser(), [Path(plan.volume.path) for plan in plans], format=self.format
+        )
         self._check_halo(plans, int(pl_module.hparams.out_channels))
+        self._check_memory(plans, pl_module, int(getattr(loader, "batch_size", None) or 1))
         self._plans = list(plans)
         pl_module.predict_tta = self.tta
         self._start = time.perf_counter()
@@ -497,6 +596,7 @@ class PredictionWriter(Callback):
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.predict_tta = False
+        self._created = []  # the run succeeded: its directories stay
         self._close_pool()
         if trainer.is_global_zero and self.written:
             seconds = time.perf_counter() - self._start
@@ -518,6 +618,8 @@ class PredictionWriter(Callback):
         pl_module.predict_tta = False
         self._close_pool()
         self._reset()
+        remove_created_dirs(self._created)  # as far as they are empty: volumes finished before the failure stay
+        self._created = []
 
     def _close_pool(self) -> None:
         if self._pool is not None:
@@ -534,6 +636,35 @@ class PredictionWriter(Callback):
                 raise ConfigurationError(
                     f"prediction.halo {list(self.halo)} does not fit the patch grid of {plan.volume.path}: {err}"
                 ) from None
+
+    def _check_memory(self, plans: Sequence[Any], pl_module: pl.LightningModule, batch_size: int) -> None:
+        """Refuse, before any patch is predicted, a run whose patches, network and stitcher cannot fit in memory
+        (see :func:`estimate_predict_memory`)."""
+        hp = pl_module.hparams
+        f_maps = hp.get("f_maps", 64)
+        patch = tuple(s.stop - s.start for s in plans[0].grid[0])
+        widest = max(plans, key=lambda plan: _plane(plan.padded_shape))
+        estimate = estimate_predict_memory(
+            patch, widest.padded_shape, batch_size, int(hp.get("in_channels", 1)), int(hp.out_channels),
+            int(f_maps if isinstance(f_maps, int) else f_maps[0]), tta=self.tta,
+            output_itemsize=np.dtype(self.dtype).itemsize,
+        )
+        device = pl_module.device
+        needs = {"device": sum(v for k, v in estimate.items() if k != "writer"), "host": estimate["writer"]}
+        if device.type == "cpu":
+            needs = {"host": needs["device"] + needs["host"]}
+        for where, need in needs.items():
+            have = available_memory(device if where == "device" else torch.device("cpu"))
+            if have is not None and need > have:
+                parts = ", ".join(f"{k} {_gib(v)}" for k, v in estimate.items() if where == "device" or k == "writer"
+                                  or device.type == "cpu")
+                memory = "host" if where == "host" and device.type != "cpu" else str(device)
+                raise ConfigurationError(
+                    f"predicting patches of data.predict_patch_shape {list(patch)} in batches of data.batch_size "
+                    f"{batch_size} needs about {_gib(need)} of {memory} memory ({parts}; the stitcher holds "
+                    f"patch-depth bands of {widest.volume.path}, {widest.padded_shape[1]} x {widest.padded_shape[2]} "
+                    f"in y x) but {_gib(have)} is available; use a smaller data.predict_patch_shape or data.batch_size"
+                )
 
     # ------------------------------------------------------------------------------------------------ volumes
     def _advance_to(self, trainer: pl.Trainer, pl_module: pl.LightningModule, volume: int) -> None:
@@ -574,10 +705,12 @@ class PredictionWriter(Callback):
                 segmentation = "argmax" if self._activation == "softmax" else "threshold"
             if self._pool is None and self.compression == "gzip" and self.format == "hdf5":
                 self._pool = ThreadPoolExecutor(COMPRESSION_THREADS, thread_name_prefix="unet3d-deflate")
-            self._output = _VolumeOutput(
-                output_path(self.output_dir, plan.volume.path, self.format), plan.volume.spatial_shape, channels,
-                self.dtype, segmentation, self.compression, self._pool, self.format,
-            )
+            final = output_path(self.output_dir, plan.volume.path, self.format)
+            with _writing(final, (channels, *plan.volume.spatial_shape), self.dtype):
+                self._output = _VolumeOutput(
+                    final, plan.volume.spatial_shape, channels, self.dtype, segmentation, self.compression, self._pool,
+                    self.format,
+                )
             self._writer = _BackgroundWriter()
             if trainer.progress_bar_callback is not None:
                 self._bar = tqdm(
@@ -610,7 +743,8 @@ class PredictionWriter(Callback):
                     event.synchronize()
                 output.write(z0, z1, values.numpy(), None if segmentation is None else segmentation.numpy())
 
-            self._writer.submit(job)
+            with _writing(output.final, output.predictions.shape, self.dtype):
+                self._writer.submit(job)
 
     def _segment(self, slab: torch.Tensor) -> torch.Tensor:
         if self._activation == "softmax":
@@ -620,8 +754,9 @@ class PredictionWriter(Callback):
     def _finish_volume(self) -> None:
         self._write_slabs(self._stitcher.finish())
         if self._output is not None:
-            self._writer.close()
-            self._output.commit()
+            with _writing(self._output.final, self._output.predictions.shape, self.dtype):
+                self._writer.close()
+                self._output.commit()
             self.written.append(self._output.final)
         if self._bar is not None:
             self._bar.close()
@@ -634,3 +769,123 @@ def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
     return host
+
+
+# ------------------------------------------------------------------------------------------------ failures
+# errno values that mean the output's disk has no room: a full file system, or the user's quota spent.
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+@contextlib.contextmanager
+def _writing(final: Path, shape: Sequence[int], dtype: str) -> Iterator[None]:
+    """Turn a full disk while writing ``final`` into one sentence; other write errors keep their traceback.
+
+    HDF5 reports the full disk as an OSError whose errno is ENOSPC (and whose message holds HDF5's error stack).
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _DISK_FULL and "No space left on device" not in str(err):
+            raise
+        size = math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize
+        raise ConfigurationError(
+            f"prediction output {final}: the disk is full (No space left on device); free space there or choose a "
+            f"prediction.output_dir on a disk with room (this volume's predictions take up to {_gib(size)} "
+            "before compression)"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------------ memory
+# float32 values the network holds per voxel of a patch and per feature map of its first level, at the peak of an
+# inference forward pass: the full-resolution encoder output kept for the skip connection, the decoder's
+# concatenation of it with the upsampled features, each convolution's input, output and workspace, normalisation
+# temporaries; the coarser levels add about a third (f_maps doubles while voxels shrink eightfold). Measured (peak
+# resident memory of one UNet3D forward on CPU, GroupNorm, 2-4 levels): 10-22 values per voxel and feature map, with
+# the feature maps counted as at least FEATURE_BLOCK, since oneDNN's CPU convolutions pad channels to blocks of 16.
+ACTIVATION_VALUES_PER_FEATURE = 24
+FEATURE_BLOCK = 16
+
+
+def estimate_predict_memory(
+    patch_shape: Sequence[int],
+    padded_shape: Sequence[int],
+    batch_size: int,
+    in_channels: int,
+    out_channels: int,
+    f_maps: int,
+    tta: bool = False,
+    output_itemsize: int = 4,
+) -> dict[str, int]:
+    """A rough but conservative estimate, in bytes, of the memory prediction needs beyond the model's weights.
+
+    With ``P = pz * py * px`` voxels per patch, ``B`` the batch size, ``C`` the output and ``C_in`` the input channels,
+    ``H x W`` the padded volume's plane and float32 (4 bytes) everywhere:
+
+    - ``stitcher`` (on the model's device): the accumulation band ``pz x (C + 1) x H x W``, the staging of one batch
+      ``B x (C + 1) x P`` and one finished slab ``C x pz x H x W``;
+    - ``patches`` (device): the batch ``B x C_in x P``, its logits and probabilities ``2 x B x C x P``, doubled with
+      flip test-time augmentation (a flipped copy and the running sum);
+    - ``network`` (device): ``B x P x max(f_maps, FEATURE_BLOCK) x ACTIVATION_VALUES_PER_FEATURE`` activations
+      (measured, see there);
+    - ``writer`` (host): the output's chunk row ``C x 16 x H x W`` in the stored dtype, and up to three slabs
+      ``C x pz x H x W`` queued for writing or in transfer.
+
+    Args:
+        patch_shape: ``(pz, py, px)``.
+        padded_shape: ``(D, H, W)`` of the padded volume (the widest plane of the run).
+        batch_size: patches per batch.
+        in_channels, out_channels: the model's channels.
+        f_maps: feature maps of the network's first level.
+        tta: flip test-time augmentation. Default False.
+        output_itemsize: bytes per stored prediction value. Default 4 (float32).
+
+    Returns:
+        ``{"stitcher", "patches", "network", "writer"}`` → bytes.
+    """
+    pz = int(patch_shape[0])
+    voxels = math.prod(int(n) for n in patch_shape)
+    plane = int(padded_shape[1]) * int(padded_shape[2])
+    c, b = int(out_channels), int(batch_size)
+    patches = 4 * b * voxels * (in_channels + 2 * c)
+    return {
+        "stitcher": 4 * (pz * (c + 1) * plane + b * (c + 1) * voxels + c * pz * plane),
+        "patches": patches * (2 if tta else 1),
+        "network": 4 * b * voxels * max(int(f_maps), FEATURE_BLOCK) * ACTIVATION_VALUES_PER_FEATURE,
+        "writer": c * plane * (16 * output_itemsize + 3 * 4 * pz),
+    }
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that ``device`` can still allocate: free CUDA memory plus what PyTorch's cache holds unused, or the
+    host's available memory (the tighter of ``/proc/meminfo``'s MemAvailable and a cgroup memory limit); None when
+    unknown (other devices and systems: then nothing is refused)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    found: list[int] = []
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as meminfo:
+            found.append(1024 * int(next(line for line in meminfo if line.startswith("MemAvailable:")).split()[1]))
+    if not found:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    # A container's limit is invisible in /proc/meminfo (cgroup v2 first, then v1).
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        with contextlib.suppress(OSError, ValueError):
+            limit = Path(limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 2**60:
+                found.append(int(limit) - int(Path(usage_file).read_text()))
+                break
+    return min(found) if found else None
+
+
+def _plane(shape: Sequence[int]) -> int:
+    return int(shape[1]) * int(shape[2])
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
