@@ -31,7 +31,7 @@ from unet3d_lightning.data.datamodule import HDF5DataModule
 from unet3d_lightning.data.volumes import open_volume, resolve_paths
 from unet3d_lightning.errors import ConfigurationError
 from unet3d_lightning.module import UNet3DModule
-from unet3d_lightning.prediction.writer import PredictionWriter, estimate_predict_memory
+from unet3d_lightning.prediction.writer import PredictionWriter
 
 SHAPE = (8, 16, 16)
 
@@ -316,12 +316,13 @@ def test_failed_predict_leaves_no_directory(trained, capsys, tmp_path):
 # ------------------------------------------------------------------------------------------------ memory
 def test_memory_estimate_formula():
     # Hand-worked: patch 4 x 8 x 8 (P = 256), plane 10 x 12 = 120, B = 2, C_in = 1, C = 3, f_maps = 4.
-    parts = estimate_predict_memory((4, 8, 8), (20, 10, 12), 2, 1, 3, 4)
+    parts = writer_module.estimate_predict_memory((4, 8, 8), (20, 10, 12), 2, 1, 3, 4)
     assert parts["stitcher"] == 4 * (4 * 4 * 120 + 2 * 4 * 256 + 3 * 4 * 120)  # band, staging, one slab
     assert parts["patches"] == 4 * 2 * 256 * (1 + 6)  # input, logits, probabilities
     assert parts["network"] == 4 * 2 * 256 * 16 * 24  # f_maps counted as at least 16 (oneDNN's channel blocks)
     assert parts["writer"] == 3 * 120 * (16 * 4 + 3 * 4 * 4)
-    assert estimate_predict_memory((4, 8, 8), (20, 10, 12), 2, 1, 3, 4, tta=True)["patches"] == 2 * parts["patches"]
+    with_tta = writer_module.estimate_predict_memory((4, 8, 8), (20, 10, 12), 2, 1, 3, 4, tta=True)
+    assert with_tta["patches"] == 2 * parts["patches"]
 
 
 @pytest.mark.slow
@@ -343,7 +344,7 @@ def test_network_activations_stay_within_the_estimate():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     peak = int(result.stdout.split()[-1])
-    parts = estimate_predict_memory((32, 64, 64), (32, 64, 64), 1, 1, 2, 8)
+    parts = writer_module.estimate_predict_memory((32, 64, 64), (32, 64, 64), 1, 1, 2, 8)
     bound = parts["network"] + parts["patches"]
     assert 0 < peak <= bound, (peak, bound)
     assert peak > bound / 4, (peak, bound)  # and not so loose that it refuses runs that fit
@@ -364,7 +365,7 @@ def test_memory_check_compares_with_what_is_available(trained, capsys, tmp_path,
     _, checkpoint = trained
     raw, _ = blob_volume(shape=SHAPE, seed=13)
     volume = write_h5(tmp_path / "v.h5", raw=raw)
-    need = sum(estimate_predict_memory((8, 8, 8), (8, 16, 16), 1, 1, 2, 4).values())
+    need = sum(writer_module.estimate_predict_memory((8, 8, 8), (8, 16, 16), 1, 1, 2, 4).values())
     monkeypatch.setattr(writer_module, "available_memory", lambda device: need - 1)
     last = run_error(capsys, predict_args(checkpoint, volume, tmp_path / "out"))
     assert "of cpu memory" in last and "is available" in last

@@ -327,8 +327,8 @@ class HDF5DataModule(pl.LightningDataModule):
     Args:
         train_paths, val_paths, test_paths, predict_paths: volumes: HDF5 files (``.h5``/``.hdf5``/``.hdf``), Zarr
             stores (``.zarr`` directories, OME-Zarr included), TIFF stacks (``.tif``/``.tiff``), directories of
-            them, or glob patterns (``data/train/*.h5``, ``**`` allowed); see
-            :mod:`~unet3d_lightning.data.readers`. Default None.
+            them, or glob patterns (``data/train/*.h5``, ``**`` allowed; a name that exists is taken as it
+            is, even with ``[ ] * ?`` in it); see :mod:`~unet3d_lightning.data.readers`. Default None.
         raw_internal_path: dataset holding the raw volume, ``(D, H, W)`` or ``(C, D, H, W)``: an HDF5 dataset, or
             an array of a Zarr store's group (``"0"``, the full resolution of an OME-Zarr image); ignored for TIFF.
             Default ``"raw"``.

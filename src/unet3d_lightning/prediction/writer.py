@@ -650,15 +650,15 @@ class PredictionWriter(Callback):
             output_itemsize=np.dtype(self.dtype).itemsize,
         )
         device = pl_module.device
-        needs = {"device": sum(v for k, v in estimate.items() if k != "writer"), "host": estimate["writer"]}
+        # On an accelerator the writer's buffers are in host memory, everything else on the device.
+        groups = [(device, [k for k in estimate if k != "writer"]), (torch.device("cpu"), ["writer"])]
         if device.type == "cpu":
-            needs = {"host": needs["device"] + needs["host"]}
-        for where, need in needs.items():
-            have = available_memory(device if where == "device" else torch.device("cpu"))
+            groups = [(device, list(estimate))]
+        for memory, keys in groups:
+            need = sum(estimate[k] for k in keys)
+            have = available_memory(memory)
             if have is not None and need > have:
-                parts = ", ".join(f"{k} {_gib(v)}" for k, v in estimate.items() if where == "device" or k == "writer"
-                                  or device.type == "cpu")
-                memory = "host" if where == "host" and device.type != "cpu" else str(device)
+                parts = ", ".join(f"{k} {_gib(estimate[k])}" for k in keys)
                 raise ConfigurationError(
                     f"predicting patches of data.predict_patch_shape {list(patch)} in batches of data.batch_size "
                     f"{batch_size} needs about {_gib(need)} of {memory} memory ({parts}; the stitcher holds "
