@@ -305,7 +305,7 @@ def test_interrupted_zarr_output_leaves_nothing_under_the_final_name(tmp_path, m
     with pytest.raises(RuntimeError, match="simulated failure"):
         predict(failing, args, out, "zarr")
     assert written_rows  # the store had received chunks before the failure
-    assert os.listdir(out) == []  # no store under the final name, no temporary one left
+    assert not out.exists()  # no store under the final name, no temporary one, nor the directory the run created
     # An earlier complete output under the final name is kept intact, then replaced by a successful run.
     predict(tiny_model(), args, out, "zarr")
     first = read_output(out / "vol_predictions.zarr")

@@ -123,8 +123,31 @@ def test_output_dir_that_is_an_input_file(trained, capsys):
     volume = root / "data" / "train.h5"
     before = digest(volume)
     last = run_error(capsys, predict_args(checkpoint, volume, volume))
-    assert f"prediction.output_dir {volume} is the input file {volume}" in last
+    assert f"prediction.output_dir {volume} is or lies inside the input {volume}" in last
     assert digest(volume) == before
+
+
+@pytest.mark.parametrize("where", ["inside the store", "over the store"])
+def test_zarr_store_inputs_are_never_written_to(trained, capsys, tmp_path, where):
+    """A Zarr input is a directory: an output directory inside it, or a Zarr output replacing it, would change it."""
+    zarr = pytest.importorskip("zarr")
+    _, checkpoint = trained
+    raw, _ = blob_volume(shape=SHAPE, seed=3)
+    inputs = []
+    for name in ("x.zarr", "x_predictions.zarr"):
+        group = zarr.open_group(str(tmp_path / name), mode="w")
+        group.create_array("raw", data=raw, chunks=(4, 8, 8))
+        inputs.append(tmp_path / name)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    if where == "inside the store":
+        args = predict_args(checkpoint, inputs[0], inputs[0] / "out")
+        expected = f"prediction.output_dir {inputs[0] / 'out'} is or lies inside the input {inputs[0]}"
+    else:
+        args = [*predict_args(checkpoint, tmp_path, tmp_path), "--prediction.format", "zarr"]
+        expected = f"{tmp_path / 'x_predictions.zarr'}, which is the input {inputs[1]}"
+    last = run_error(capsys, args)
+    assert expected in last, last
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
 def test_writer_alone_refuses_an_output_that_is_an_input(tmp_path):

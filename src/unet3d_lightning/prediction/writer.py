@@ -178,10 +178,14 @@ def check_collisions(
     inputs = [*volumes, *other_inputs]
     by_path = {p.resolve(): p for p in inputs}
     by_inode = {key: p for p in inputs if (key := _file_key(p)) is not None}
-    if output_dir.resolve() in by_path:
-        raise ConfigurationError(
-            f"prediction.output_dir {output_dir} is the input file {by_path[output_dir.resolve()]}; choose a directory"
-        )
+    target = output_dir.resolve()
+    for resolved, given in by_path.items():
+        # A directory input is a Zarr store: outputs written into it would change the input.
+        if target == resolved or (given.is_dir() and target.is_relative_to(resolved)):
+            raise ConfigurationError(
+                f"prediction.output_dir {output_dir} is or lies inside the input {given}; inputs are never "
+                "written to: choose another directory"
+            )
     outputs: dict[Path, Path] = {}
     for volume in volumes:
         final = output_path(output_dir, volume, format)
