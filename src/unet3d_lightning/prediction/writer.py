@@ -368,7 +368,9 @@ class _VolumeOutput:
                 shutil.rmtree(self.tmp, ignore_errors=True)  # left by a killed run of a process with our pid
                 self.file: Any = _ZarrOutput(self.tmp, compression)
             else:
-                self.file = h5py.File(self.tmp, "w")
+                # No chunk cache: every chunk is written whole, once, so caching gains nothing, and chunks left dirty
+                # in a cache when the disk fills could never be flushed (HDF5 then cannot close the file).
+                self.file = h5py.File(self.tmp, "w", rdcc_nbytes=0)
         except BaseException:
             self._remove_tmp()  # it may exist before the failure (HDF5 creates the file, then fails on a full disk)
             raise
@@ -417,6 +419,12 @@ class _VolumeOutput:
 
     def discard(self) -> None:
         """Close and delete the temporary file; never raises, since it runs while another error is handled."""
+        if self.format == "hdf5":
+            # HDF5 flushes metadata and cached chunks when it closes a file. On a full disk that fails, the file stays
+            # open inside the library, and its second attempt at exit can crash the process. Emptying the file
+            # first gives back the space it held, so the close can succeed; its content is being thrown away anyway.
+            with contextlib.suppress(OSError):
+                os.truncate(self.tmp, 0)
         try:
             self.file.close()
         except Exception:  # noqa: BLE001 - flushing to a full disk fails again; the first error is the one to report
