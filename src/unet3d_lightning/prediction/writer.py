@@ -813,8 +813,8 @@ def _writing(final: Path, shape: Sequence[int], dtype: str) -> Iterator[None]:
 # concatenation of it with the upsampled features, each convolution's input, output and workspace, normalisation
 # temporaries; the coarser levels add about a third (f_maps doubles while voxels shrink eightfold). Measured (peak
 # resident memory of one forward on CPU, GroupNorm, 2-4 levels, the plain, residual and residual-SE U-Nets): 10-22
-# values per voxel and feature map, with
-# the feature maps counted as at least FEATURE_BLOCK, since oneDNN's CPU convolutions pad channels to blocks of 16.
+# values per voxel and feature map, the feature maps counted as at least FEATURE_BLOCK, since oneDNN's CPU
+# convolutions pad channels to blocks of 16.
 ACTIVATION_VALUES_PER_FEATURE = 24
 FEATURE_BLOCK = 16
 
