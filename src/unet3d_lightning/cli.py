@@ -27,6 +27,9 @@ from .errors import ConfigurationError
 from .module import UNet3DModule
 from .prediction.writer import PredictionWriter, check_output_dir
 
+# Model settings that change how fast the network runs, not what it computes: the checkpoint records them, but each
+# run takes them from its own config and command line (a GPU-trained, compiled model predicts uncompiled on a CPU).
+_MODEL_RUN_SETTINGS = ("channels_last", "compile")
 # Data settings that change the numbers a model sees: prediction takes them from the checkpoint unless given.
 _DATA_FROM_CHECKPOINT = {"normalization": "standardize", "percentiles": (1.0, 99.0)}
 
@@ -102,11 +105,16 @@ class UNet3DCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and not Path(ckpt_path).is_file():
             raise ConfigurationError(f"ckpt_path {ckpt_path}: file does not exist")
+        model_config = self.config[subcommand].get("model") if subcommand else None
+        run_settings = {k: model_config.get(k) for k in _MODEL_RUN_SETTINGS} if model_config is not None else {}
         try:
             super()._parse_ckpt_path()
         except Exception as err:  # noqa: BLE001 - any failure means the file is not a usable checkpoint
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigurationError(f"ckpt_path {ckpt_path}: cannot be read as a checkpoint ({reason})") from None
+        # The checkpoint records how it was trained, but how this run executes the network is this run's choice.
+        for key, value in run_settings.items():
+            self.config[subcommand].model[key] = value
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
@@ -208,6 +216,10 @@ class UNet3DCLI(LightningCLI):
                 "logger", TensorBoardLogger(save_dir=str(resumed.parent.parent), name=resumed.parent.name,
                                             version=resumed.name)
             )
+        if trainer_config.get("benchmark") is None and not trainer_config.get("deterministic"):
+            # Patches have a fixed shape, so cuDNN's autotuner pays for itself after the first batch; it picks
+            # kernels by timing, which deterministic runs must not do.
+            kwargs.setdefault("benchmark", True)
         trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
         if self.subcommand != "fit":
             # Checkpointing and early stopping belong to training; in predict they would only restore stale state.

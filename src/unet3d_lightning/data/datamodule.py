@@ -347,7 +347,9 @@ class HDF5DataModule(pl.LightningDataModule):
         predict_stride_shape: stride for prediction; patches overlap by ``patch - stride`` and the overlaps are
             blended. Default None: ``patch - patch // 4`` (a quarter overlap).
         batch_size: patches per batch (per device under DDP). Default 1.
-        num_workers: DataLoader worker processes reading HDF5 in parallel. Default 4.
+        num_workers: DataLoader worker processes reading HDF5 in parallel (per device under DDP). Default None:
+            what the machine allows, ``min(4, cores // devices on this node - 1)`` counting the cores this process
+            may run on (0 on a machine with 1 core per device).
         normalization: ``"standardize"`` (per-volume, per-channel mean and std), ``"percentile"`` (clip to the
             volume's ``percentiles`` and scale to [0, 1]) or ``"none"``. The same rule is applied at prediction,
             with each volume's own statistics. Default ``"standardize"``.
@@ -385,7 +387,7 @@ class HDF5DataModule(pl.LightningDataModule):
         predict_patch_shape: tuple[int, int, int] | None = None,
         predict_stride_shape: tuple[int, int, int] | None = None,
         batch_size: int = 1,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         normalization: Normalization = "standardize",
         percentiles: tuple[float, float] = (1.0, 99.0),
         augmentation: Augmentation = Augmentation(),
@@ -402,7 +404,7 @@ class HDF5DataModule(pl.LightningDataModule):
         # Stored as a plain dict: checkpoints must load with torch.load(weights_only=True), the default, which
         # refuses instances of arbitrary classes such as Augmentation.
         self.hparams["augmentation"] = dataclasses.asdict(augmentation)
-        if batch_size < 1 or num_workers < 0:
+        if batch_size < 1 or (num_workers is not None and num_workers < 0):
             raise ConfigurationError(f"batch_size ({batch_size}) must be >= 1 and num_workers ({num_workers}) >= 0")
         if normalization not in ("standardize", "percentile", "none"):
             raise ConfigurationError(f"normalization {normalization!r} is not one of standardize, percentile, none")
@@ -648,16 +650,19 @@ class HDF5DataModule(pl.LightningDataModule):
     def _loader(
         self, role: str, sampler: ShardedSampler, progress: Callable[[], tuple[int, int]] | None = None
     ) -> DataLoader:
+        workers = self.num_workers
+        if workers is None:
+            workers = default_num_workers(getattr(self.trainer, "num_devices", 1) if self.trainer is not None else 1)
         return PatchLoader(
             self._dataset(role),
             progress=progress,
             batch_size=self.batch_size,
             sampler=sampler,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             # Workers live across epochs: their open files and chunk caches, and the in-memory volumes copied to
             # them, are not rebuilt every epoch. The sampler runs in this process, so set_epoch still takes effect.
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -690,11 +695,18 @@ class HDF5DataModule(pl.LightningDataModule):
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Move patches to the device; patch locations and flags stay on the CPU, where the prediction writer reads
-        them every batch (reading them back from a GPU would synchronise the device each time)."""
+        them every batch (reading them back from a GPU would synchronise the device each time). The raw patches are
+        then laid out in the model's memory format (channels-last, see ``UNet3DModule(channels_last=...)``), once
+        per batch, on the device."""
         if isinstance(batch, dict):
             keep = {k: batch[k] for k in ("volume", "start", "padding") if k in batch}
             rest = {k: v for k, v in batch.items() if k not in keep}
-            return {**super().transfer_batch_to_device(rest, device, dataloader_idx), **keep}
+            moved = {**super().transfer_batch_to_device(rest, device, dataloader_idx), **keep}
+            model = self.trainer.lightning_module if self.trainer is not None else None
+            convert = getattr(model, "input_to_memory_format", None)
+            if convert is not None and isinstance(moved.get("raw"), torch.Tensor):
+                moved["raw"] = convert(moved["raw"])
+            return moved
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def val_dataloader(self) -> DataLoader:
@@ -712,6 +724,25 @@ class HDF5DataModule(pl.LightningDataModule):
             close = getattr(dataset, "close", None)
             if close is not None:
                 close()
+
+
+def default_num_workers(local_processes: int = 1) -> int:
+    """Reader processes per device that this machine can run beside the training or prediction processes:
+    ``min(4, cores // local_processes - 1)``, never below 0.
+
+    ``cores`` counts the cores this process may run on (``os.sched_getaffinity``: a SLURM job or container sees its
+    own share, not the whole machine's), as PyTorch's and Lightning's DataLoader checks do, so the default never sets
+    off their "too many workers" or "too few workers" warnings. One core per process is kept for the process
+    itself; beyond 4 workers HDF5 reading rarely gains.
+
+    Args:
+        local_processes: processes on this node sharing the cores (devices under DDP). Default 1.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(0, min(4, cores // max(int(local_processes), 1) - 1))
 
 
 def foreground_fractions(volume: Volume, grid: list, patch: Shape3, ignore_index: int | None) -> list[float]:
