@@ -161,12 +161,14 @@ class Decoder(nn.Module):
         )
 
     def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
-        size = skip.shape[2:]
+        # The upsampled features are only an input of the concatenation: no name keeps them alive while the
+        # convolutions run (at full resolution they are the largest tensor of the decoder after the concatenation).
+        return self.conv(torch.cat([skip, self._upsample(deep, skip.shape[2:])], dim=1))
+
+    def _upsample(self, deep: Tensor, size: torch.Size) -> Tensor:
         if self.upsample == "deconv":
-            up = self.up(deep, output_size=size)
-        else:
-            up = F.interpolate(deep, size=size, mode="nearest")
-        return self.conv(torch.cat([skip, up], dim=1))
+            return self.up(deep, output_size=size)
+        return F.interpolate(deep, size=size, mode="nearest")
 
 
 class UNet3D(nn.Module):
@@ -238,8 +240,11 @@ class UNet3D(nn.Module):
                 x = pool(x, kernel_size=2, ceil_mode=True)
             x = encoder(x)
             skips.append(x)
-        for decoder, skip in zip(self.decoders, reversed(skips[:-1])):
-            x = decoder(x, skip)
+        skips.pop()  # the deepest level's output is x itself
+        for decoder in self.decoders:
+            # pop: each skip connection is released as soon as its decoder has used it (inference frees it then;
+            # training keeps what autograd needs anyway).
+            x = decoder(x, skips.pop())
         return self.final_conv(x)
 
 
