@@ -68,6 +68,24 @@ def test_channels_last_logits_equal_contiguous_for_every_layer_order(upsample):
             assert _relative_error(actual, expected) <= 1e-5, (order, upsample, train)
 
 
+@pytest.mark.parametrize("spatial_dims", [3, 2])
+@pytest.mark.parametrize("architecture", ["unet", "residual_unet", "residual_se_unet"])
+def test_channels_last_module_equals_contiguous_for_every_architecture(architecture, spatial_dims):
+    x = torch.randn(2, 1, 5 if spatial_dims == 3 else 3, 12, 10, generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        module = UNet3DModule(out_channels=3, f_maps=4, num_levels=2, num_groups=2, architecture=architecture,
+                              spatial_dims=spatial_dims, channels_last=channels_last).eval()
+        module.use_memory_format("cpu")
+        expected_format = {3: torch.channels_last_3d, 2: torch.channels_last}[spatial_dims] if channels_last else None
+        assert module.input_memory_format is expected_format
+        with torch.no_grad():
+            logits[channels_last] = module(x.clone())
+        assert logits[channels_last].is_contiguous()
+    assert _relative_error(logits[True], logits[False]) <= 1e-5
+
+
 def test_losses_gradients_and_probabilities_equal_contiguous():
     torch.manual_seed(0)
     batch = {"raw": torch.randn(2, 1, 8, 12, 12), "label": torch.randint(0, 3, (2, 8, 12, 12))}
