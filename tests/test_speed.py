@@ -20,7 +20,7 @@ from conftest import blob_volume, write_h5
 from unet3d_lightning.cli import ArgumentParser, UNet3DCLI, main
 from unet3d_lightning.data.datamodule import HDF5DataModule, default_num_workers
 from unet3d_lightning.model import UNet3D
-from unet3d_lightning.module import UNet3DModule, channels_last_format, network_memory_format
+from unet3d_lightning.module import UNet3DModule, channels_last_format, cpu_has_fast_bf16, network_memory_format
 
 # The tolerance documented in the README's Tuning section for CPU bf16-mixed prediction (max abs difference of the
 # probabilities from float32).
@@ -239,7 +239,17 @@ def test_bf16_cpu_prediction_stays_within_the_documented_tolerance(tmp_path):
     raw, _ = blob_volume(shape=(12, 20, 20), seed=5)
     volume = write_h5(tmp_path / "vol.h5", raw=raw)
     full = _predict(ckpt, volume, tmp_path / "fp32")
-    bf16 = _predict(ckpt, volume, tmp_path / "bf16", "--trainer.precision", "bf16-mixed")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bf16 = _predict(ckpt, volume, tmp_path / "bf16", "--trainer.precision", "bf16-mixed")
+    # oneDNN's bf16 convolutions need AVX-512 (F, BW, VL, DQ: "avx512_core"), AMX or AVX2-VNNI-2 (proxy flag
+    # avx_ne_convert); a CPU without runs slow fallback kernels, and the user is told.
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    if flags:
+        fast = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags or bool(flags & {"amx_bf16", "avx_ne_convert"})
+        assert fast == cpu_has_fast_bf16()
+        warned = any("slow fallback kernels" in str(w.message) for w in caught)
+        assert warned == (not fast)
     with h5py.File(tmp_path / "bf16" / "vol_predictions.h5", "r") as f:
         assert f["predictions"].dtype == np.float32  # blending and output stay float32
     difference = np.abs(bf16 - full).max()

@@ -215,6 +215,7 @@ class DecoderLevel(nn.Module):
         else:
             up = F.interpolate(self.up(deep), size=size, mode="nearest")
         joined = torch.cat([skip, up], dim=1) if self.joining == "concat" else skip + up
+        del up  # not kept alive through the block: at full resolution it is one of the largest tensors
         return self.block(joined)
 
 
@@ -299,6 +300,7 @@ class UNet(nn.Module):
                 x = pool(x, kernel_size=2, ceil_mode=ceil_mode)
             x = encoder(x)
             skips.append(x)
-        for decoder, skip in zip(self.decoders, reversed(skips[:-1])):
-            x = decoder(x, skip)
+        skips.pop()  # the deepest level's output is x itself
+        for decoder in self.decoders:
+            x = decoder(x, skips.pop())  # each skip connection is released once its decoder has used it
         return self.final_conv(x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -174,7 +175,16 @@ class UNet3DModule(pl.LightningModule):
         """Learn the label type from the datamodule (for ``dice``) and check it against the loss; choose the
         network's memory format (and compile it) for the run's device."""
         strategy = getattr(self._trainer, "strategy", None)
-        self.use_memory_format(strategy.root_device if strategy is not None else self.device)
+        device = strategy.root_device if strategy is not None else self.device
+        self.use_memory_format(device)
+        precision = str(getattr(self._trainer, "precision", ""))
+        if precision.startswith("bf16") and torch.device(device).type == "cpu" and not cpu_has_fast_bf16():
+            warnings.warn(
+                f"trainer.precision {precision}: this CPU lacks the AVX-512/AMX instructions of oneDNN's bfloat16 "
+                "convolutions, so bfloat16 runs on slow fallback kernels, many times slower than float32; use "
+                "--trainer.precision 32-true here",
+                stacklevel=2,
+            )
         if self.hparams.get("compile") and getattr(self.net, "_compiled_call_impl", None) is None:
             # nn.Module.compile compiles in place: the state_dict keys (checkpoints) stay those of the plain network.
             self.net.compile()
@@ -422,6 +432,15 @@ def network_memory_format(net: torch.nn.Module) -> torch.memory_format | None:
         if fmt is not None:
             return fmt
     return None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN has fast bfloat16 convolutions on this CPU: AVX-512 (bf16 computed natively with AVX-512 BF16
+    or AMX, converted on the fly otherwise) or AVX2-VNNI-2. Without, bf16 autocast is many times slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
 
 
 def _contiguous(value: Any) -> Any:
