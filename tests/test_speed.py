@@ -24,7 +24,7 @@ from unet3d_lightning.module import UNet3DModule, channels_last_format, cpu_has_
 
 # The tolerance documented in the README's Tuning section for CPU bf16-mixed prediction (max abs difference of the
 # probabilities from float32).
-BF16_TOLERANCE = 0.02
+BF16_TOLERANCE = 0.03
 
 
 def _layer_orders():
