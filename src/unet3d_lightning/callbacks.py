@@ -1,8 +1,11 @@
-"""Training callbacks of the ``unet3d`` command: validation images in TensorBoard and the end-of-fit summary."""
+"""Training callbacks of the ``unet3d`` command: validation images in TensorBoard, the end-of-fit summary and the
+continuation of a resumed run's checkpoint files."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -116,6 +119,55 @@ class FitSummary(Callback):
         if log_dir:
             lines.append(f"  logs:            {log_dir}  (tensorboard --logdir {log_dir})")
         print("\n".join(lines), flush=True)
+
+
+class SameRunResume(Callback):
+    """Let ``fit --ckpt_path`` continue the checkpoint files of the run it resumes, or leave another run's alone.
+
+    Lightning's ModelCheckpoint restores its best score and file names only when the directory recorded in the
+    checkpoint is spelled exactly as its own. A run started with a relative ``trainer.default_root_dir`` (as
+    ``configs/demo.yaml`` has), or resumed from another working directory, spells it differently: best-score
+    tracking would restart and ``best-v1.ckpt`` / ``last-v1.ckpt`` appear beside the old files while ``last.ckpt``
+    stays behind. So, before the state is loaded, the recorded paths are rewritten to the directory in use.
+
+    Args:
+        same_run: True when training continues in the checkpoint's own run directory (paths are rewritten); False
+            for a new run (fine-tuning from another run): the other run's checkpoint-file state, which names files
+            there, is dropped and the new run tracks its own best.
+    """
+
+    def __init__(self, same_run: bool) -> None:
+        self.same_run = same_run
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        current = trainer.checkpoint_callback
+        states = checkpoint.get("callbacks") or {}
+        if not isinstance(current, ModelCheckpoint) or current.dirpath is None:
+            return
+        for key in [k for k in states if str(k).startswith("ModelCheckpoint")]:
+            state = states[key]
+            recorded = state.get("dirpath")
+            if recorded is None or recorded == current.dirpath:
+                continue
+            if not self.same_run:
+                del states[key]
+                continue
+            new = str(current.dirpath)
+
+            def move(path: Any, recorded: str = recorded, new: str = new) -> Any:
+                if not path:
+                    return path
+                try:
+                    return os.path.join(new, str(Path(path).relative_to(recorded)))
+                except ValueError:
+                    return path  # a file outside the run's checkpoint directory: leave it
+
+            state["dirpath"] = new
+            for name in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                if name in state:
+                    state[name] = move(state[name])
+            if "best_k_models" in state:
+                state["best_k_models"] = {move(k): v for k, v in state["best_k_models"].items()}
 
 
 def _duration(seconds: float) -> str:

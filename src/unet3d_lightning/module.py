@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 from typing import Any, Literal
 
@@ -26,6 +27,13 @@ from .architectures import build_network, slice_wise
 
 LossName = Literal["ce", "wce", "bce", "dice", "bce_dice"]
 Architecture = Literal["unet", "residual_unet", "residual_se_unet"]
+# Which way a monitored metric improves, read from its name: the first listed word found in the last part of the
+# name (``val/dice_class1`` -> ``dice_class1``) decides. Errors and losses fall, overlap scores rise.
+_METRIC_DIRECTIONS = (
+    ("loss", "min"), ("error", "min"), ("arand", "min"), ("voi", "min"),
+    ("dice", "max"), ("iou", "max"), ("jaccard", "max"), ("f1", "max"), ("accuracy", "max"), ("precision", "max"),
+    ("recall", "max"), ("ap", "max"),
+)
 # Losses whose label type is fixed by the loss itself; 'dice' works with both and learns it from the data.
 _MULTICLASS_BY_LOSS = {"ce": True, "wce": True, "bce": False, "bce_dice": False}
 
@@ -261,6 +269,17 @@ class UNet3DModule(pl.LightningModule):
                     k: v.contiguous(memory_format=fmt) if isinstance(v, Tensor) and v.dim() == _FORMAT_DIMS[fmt] else v
                     for k, v in state.items()
                 })
+    def logged_metric_names(self, validation: bool = True) -> list[str]:
+        """The metrics ``fit`` logs, which ``checkpoint.monitor``, ``early_stopping.monitor`` and
+        ``lr_scheduler_monitor`` may name: ``train/loss`` (per step), ``train/loss_epoch`` and, when validation runs
+        (``validation``, default True), ``val/loss``, ``val/dice``, ``val/iou`` and ``val/dice_class<i>`` for each
+        of the ``out_channels`` (when there is more than one)."""
+        names = ["train/loss", "train/loss_epoch"]
+        if validation:
+            names += ["val/loss", "val/dice", "val/iou"]
+            if self.hparams.out_channels > 1:
+                names += [f"val/dice_class{i}" for i in range(self.hparams.out_channels)]
+        return names
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
@@ -405,6 +424,22 @@ class UNet3DModule(pl.LightningModule):
                 "monitor": hp.lr_scheduler_monitor,
             },
         }
+
+
+def metric_mode(name: str) -> Literal["min", "max"] | None:
+    """``"min"`` or ``"max"``: whether the logged metric ``name`` improves by falling (losses, errors, ``arand``)
+    or rising (``dice``, ``iou``, ``ap``, ``f1``, ``accuracy``); None when the name does not say.
+
+    The last part of the name counts, split into words at ``_``, ``-`` and ``.`` (a trailing number, as in
+    ``class1`` or ``ap50``, may be dropped): ``val/dice_class1`` is ``max``,
+    ``val/loss`` ``min``, ``train/loss_epoch`` ``min``; ``val/map`` is not ``ap`` (None).
+    """
+    tokens = [t for t in re.split(r"[_\-.]+", name.rsplit("/", 1)[-1].lower()) if t]
+    words = set(tokens) | {t.rstrip("0123456789") for t in tokens}  # dice_class1 -> class; f1 stays f1
+    for key, mode in _METRIC_DIRECTIONS:
+        if key in words:
+            return mode  # type: ignore[return-value]
+    return None
 
 
 def _user_error(function: Any, *args: Any, **kwargs: Any) -> Any:

@@ -100,6 +100,11 @@ class _ZarrOutput:
         pass  # every chunk and metadata document is written when its write returns
 
 
+def temporary_path(final: Path) -> Path:
+    """The hidden name a volume's output has while it is written (this process's own, by its pid)."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
 def check_output_dir(
     output_dir: str | os.PathLike,
     volumes: Sequence[str | os.PathLike] = (),
@@ -361,7 +366,7 @@ class _VolumeOutput:
         compression: str | None, pool: ThreadPoolExecutor | None, format: str = "hdf5",
     ) -> None:
         self.final = final
-        self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        self.tmp = temporary_path(final)
         self.format = format
         try:
             if format == "zarr":
@@ -625,6 +630,15 @@ class PredictionWriter(Callback):
                 pass
         if self._output is not None:
             self._output.discard()
+        if trainer.is_global_zero:
+            # A stop signal may arrive between creating a file and recording it: remove this process's temporary
+            # files by name.
+            for plan in self._plans:
+                temporary = temporary_path(output_path(self.output_dir, plan.volume.path, self.format))
+                if temporary.is_dir():
+                    shutil.rmtree(temporary, ignore_errors=True)  # a Zarr store
+                else:
+                    temporary.unlink(missing_ok=True)
         if self._bar is not None:
             self._bar.close()
         pl_module.predict_tta = False
