@@ -128,6 +128,22 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def _run_dir_recorded_in(ckpt_path: str | Path) -> Path | None:
+    """The run directory a checkpoint saved outside its run (Lightning's ``hpc_ckpt_N.ckpt`` in the root dir)
+    belongs to, from the checkpoint directory its ModelCheckpoint state records; None if it records none."""
+    states = read_checkpoint(ckpt_path).get("callbacks") or {}
+    for key, state in states.items():
+        if str(key).startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("dirpath"):
+            directory = Path(state["dirpath"]).expanduser().resolve()
+            if directory.name == "checkpoints" and directory.parent.name.startswith("version_"):
+                return directory.parent
+    return None
+
+
+def _global_step(ckpt_path: str | Path) -> int:
+    return int(read_checkpoint(ckpt_path).get("global_step", 0))
+
+
 def check_root_dir(root_dir: str | Path) -> None:
     """Fail if ``trainer.default_root_dir`` cannot be created or written, without creating anything: a run stopped
     by a configuration error leaves no directory behind."""
@@ -375,6 +391,8 @@ class UNet3DCLI(LightningCLI):
         self._resolve_modes(config)
         if sub == "fit":
             check_root_dir(config.trainer.get("default_root_dir") or ".")
+            if not ckpt_path:
+                self._resume_requeued_slurm_job(config)
         if sub in ("validate", "test") and not ckpt_path:
             raise ConfigurationError(
                 f"{sub} needs --ckpt_path, the checkpoint to evaluate (e.g. best.ckpt); without it the metrics "
@@ -394,6 +412,30 @@ class UNet3DCLI(LightningCLI):
         check_output_dir(config.prediction.output_dir, volumes, create=False, other_inputs=[ckpt_path],
                          format=config.prediction.get("format", "hdf5"))
         self._data_settings_from_checkpoint(ckpt_path, config)
+
+    def _resume_requeued_slurm_job(self, config: Any) -> None:
+        """A SLURM job requeued by Lightning (``SLURMEnvironment`` with ``auto_requeue``, on its requeue signal) runs
+        the same command again: continue from the newest ``hpc_ckpt_N.ckpt`` Lightning saved in
+        ``trainer.default_root_dir``, in the run directory it came from (Lightning alone would resume the weights
+        but start a new ``version_N``)."""
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        if not SLURMEnvironment.detect():
+            return
+        root = Path(config.trainer.get("default_root_dir") or ".")
+        saved = [(int(m.group(1)), p) for p in root.glob("hpc_ckpt_*.ckpt")
+                 if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+        if saved:
+            latest = max(saved)[1]
+            # Our SIGTERM handling may have written the run's last.ckpt after Lightning's requeue save: take the
+            # later of the two.
+            run = _run_dir_recorded_in(latest)
+            last = run / "checkpoints" / "last.ckpt" if run is not None else None
+            if last is not None and last.is_file() and _global_step(last) > _global_step(latest):
+                latest = last
+            config["ckpt_path"] = str(latest)
+            print(f"SLURM job {os.environ.get('SLURM_JOB_ID', '')} requeued: resuming from {config['ckpt_path']}",
+                  file=sys.stderr)
 
     def _resolve_modes(self, config: Any) -> None:
         """``mode`` of checkpointing and early stopping, when not given, follows the monitored metric's name."""
@@ -503,7 +545,7 @@ class UNet3DCLI(LightningCLI):
         """The run directory ``fit --ckpt_path`` continues in: the checkpoint's own run when it lies under
         ``trainer.default_root_dir``; otherwise (fine-tuning from another run) None, and a new run starts there."""
         ckpt_path = self.config.fit.get("ckpt_path")
-        run = run_dir_of_checkpoint(ckpt_path) if ckpt_path else None
+        run = (run_dir_of_checkpoint(ckpt_path) or _run_dir_recorded_in(ckpt_path)) if ckpt_path else None
         if run is None:
             return None
         root = Path(trainer_config.get("default_root_dir") or ".").expanduser().resolve()
