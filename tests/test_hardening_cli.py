@@ -186,6 +186,16 @@ def test_an_explicit_mode_is_kept(tmp_path):
         min(scores(run, "val/dice")), rel=1e-6)
 
 
+def test_plateau_scheduler_direction_follows_its_monitor(trained, tmp_path):
+    config, _ = trained
+    plateau = ["--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau",
+               "--model.lr_scheduler_monitor", "val/dice", "--trainer.max_steps", "1"]
+    for root, extra, mode in (("a", [], "max"), ("b", ["--model.lr_scheduler.mode", "min"], "min")):
+        main(["fit", "--config", str(config), *plateau, *extra, "--trainer.default_root_dir", str(tmp_path / root)])
+        last = tmp_path / root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+        assert torch.load(last, weights_only=True)["lr_schedulers"][0]["mode"] == mode
+
+
 @pytest.mark.parametrize("flag, monitor, expected", [
     ("--checkpoint.monitor", "val/dsc", "checkpoint.monitor 'val/dsc' is not a metric this model logs; did you mean "
                                         "val/dice?"),

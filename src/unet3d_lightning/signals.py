@@ -8,10 +8,11 @@ SIGINT), so that a job script never mistakes a stopped run for a finished one.
   ``lightning.pytorch.trainer.connectors.signal_connector``); Lightning raises ``SIGTERMException`` after the
   current training step (or validation batch), when the model, optimizer and loop counters agree. If a step has
   completed since ``last.ckpt`` was written, :class:`GracefulShutdown` writes it again there (atomically, as every
-  checkpoint), and the command prints the path and the command that resumes from it. Under DDP Lightning
-  broadcasts the flag from rank 0 before every step, so all ranks stop at the same step and save together (the
-  launcher sends the signal to every rank; best effort: a rank blocked in a collective only sees it when that
-  returns).
+  checkpoint), and the command prints the path and the command that resumes from it. Under DDP the launcher sends
+  the signal to every rank and Lightning broadcasts rank 0's flag before every step, so the ranks stop at the same
+  step; rank 0 writes the checkpoint without a collective (a rank that had not stopped yet would otherwise wait in
+  another collective and both would hang). Best effort: a rank blocked in a collective sees the signal only when
+  it returns.
 - Anywhere else (setup, sanity check, validate/test/predict): nothing is worth saving, so the signal raises
   :class:`Interrupted` at once in the main thread; Lightning's exception path runs every callback's
   ``on_exception``, where the prediction writer deletes its temporary file.
@@ -144,7 +145,11 @@ class GracefulShutdown(Callback):
                 checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION
             )
             checkpoint.last_model_path = saved  # part of the saved state, as when ModelCheckpoint saves it
-            trainer.save_checkpoint(saved)  # every rank takes part; written atomically by rank 0
+            # trainer.save_checkpoint without its closing barrier: under DDP a rank that has not stopped yet would
+            # wait in another collective, and both would hang. Rank 0 writes (atomically, temporary file + rename).
+            state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            if trainer.is_global_zero:
+                trainer.strategy.checkpoint_io.save_checkpoint(state, saved)
         last = saved or (checkpoint.last_model_path if checkpoint is not None else None)
         lines = [f"fit stopped by {name} at step {trainer.global_step} (epoch {trainer.current_epoch})"]
         if last and Path(last).is_file():
