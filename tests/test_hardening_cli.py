@@ -279,7 +279,7 @@ def test_explicit_normalization_is_not_replaced_by_the_checkpoints(trained, tmp_
     val = yaml.safe_load(config.read_text())["data"]["val_paths"][0]
     predict = ["predict", "--ckpt_path", str(checkpoint), "--data.predict_paths", f"[{val}]",
                "--data.predict_patch_shape", "[8, 16, 16]", "--prediction.output_dir", str(tmp_path / "out"),
-               "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+               "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--data.num_workers", "0"]
     main([*predict, "--prediction.output_dir", str(tmp_path / "a")])
     assert set(used) == {"percentile"}  # taken from the checkpoint
     used.clear()
