@@ -119,6 +119,7 @@ def test_memory_format_follows_setting_device_and_network_rank():
     module.use_memory_format("cpu")
     assert module.input_memory_format is torch.channels_last_3d
     assert weight().is_contiguous(memory_format=torch.channels_last_3d) and not weight().is_contiguous()
+    assert module.net.final_conv.weight.stride() == (4, 1, 1, 1, 1)  # 1x1x1: contiguous strides, as its gradients
     module.use_memory_format("meta")  # a backend without known channels-last kernels: contiguous
     assert module.input_memory_format is None and weight().is_contiguous()
     off = UNet3DModule(f_maps=4, num_levels=2, num_groups=2, channels_last=False)

@@ -238,7 +238,14 @@ class UNet3DModule(pl.LightningModule):
         fmt = network_memory_format(self.net)
         if not (self.hparams.get("channels_last", True) and torch.device(device).type in ("cpu", "cuda")):
             fmt = None
-        self.net.to(memory_format=fmt or torch.contiguous_format)
+        def lay_out(tensor: Tensor) -> Tensor:
+            # A 1x1x1 kernel is laid out alike in both formats, but only contiguous strides match the gradients
+            # autograd makes for it (DDP warns about, and copies, mismatched gradient strides).
+            if fmt is not None and tensor.dim() == _FORMAT_DIMS[fmt] and any(s > 1 for s in tensor.shape[2:]):
+                return tensor.contiguous(memory_format=fmt)
+            return tensor.contiguous()
+
+        self.net._apply(lay_out)
         self.input_memory_format = fmt
 
     def input_to_memory_format(self, x: Tensor) -> Tensor:
