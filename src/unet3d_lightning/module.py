@@ -21,6 +21,7 @@ from torchmetrics.classification import (
     MultilabelJaccardIndex,
 )
 
+from .data.targets import MASKED
 from .errors import ConfigurationError
 from .losses import apply_final_activation, create_loss, final_activation_name
 from .architectures import build_network, slice_wise
@@ -80,6 +81,13 @@ class UNet3DModule(pl.LightningModule):
             and checkpoints always store contiguous weights, so a checkpoint loads whatever this setting. Default True.
         compile: ``torch.compile`` the network (not the loss or the metrics) when a run starts. Pays off on long GPU
             runs; the first batches are slow while it compiles. Default False.
+        targets: what the output channels mean when the model is trained on targets derived from instance labels
+            (``data.label_transform``), e.g. ``{"kind": "boundaries", "foreground_channel": false, ...}`` or
+            ``{"kind": "affinities", "offsets": [[1, 0, 0], ...]}``. Filled in from the data at setup and stored in
+            the checkpoint, so that prediction can turn the maps into instances; not meant to be set by hand.
+            Default None: the outputs are class probabilities or masks. Runs with such targets also log
+            ``val/arand`` (adapted Rand error, lower is better) and ``val/ap`` (average precision at IoU 0.5, higher
+            is better), see :mod:`unet3d_lightning.instances`.
     """
 
     def __init__(
@@ -106,6 +114,7 @@ class UNet3DModule(pl.LightningModule):
         lr_scheduler_monitor: str = "val/loss",
         channels_last: bool = True,
         compile: bool = False,  # noqa: A002 - the user's word for it; stored in hparams, never as an attribute
+        targets: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -125,6 +134,8 @@ class UNet3DModule(pl.LightningModule):
         self._optimizer_kwargs()  # a conflicting learning rate fails here, not after data setup
         self.loss_fn: torch.nn.Module | None = None
         self.multiclass: bool | None = None
+        # Whether the labels are targets derived from instance labels, whose MASKED elements the loss leaves out.
+        self.instance_targets = False
         implied = _MULTICLASS_BY_LOSS.get(loss)
         if multiclass is not None and implied is not None and multiclass != implied:
             kind = "class-id (3D)" if implied else "binary (4D)"
@@ -145,12 +156,15 @@ class UNet3DModule(pl.LightningModule):
         self.input_memory_format: torch.memory_format | None = None
 
     # ----------------------------------------------------------------------------------------------- task set-up
-    def _configure_task(self, multiclass: bool) -> None:
-        """Build the loss and the metrics for class-id labels (``multiclass``) or binary masks."""
+    def _configure_task(self, multiclass: bool, instance_targets: bool = False) -> None:
+        """Build the loss and the metrics for class-id labels (``multiclass``) or binary masks; with
+        ``instance_targets`` the masks are derived from instance labels and their MASKED elements are left out
+        (``model.ignore_index`` then names an instance id, which the derivation masks)."""
         hp = self.hparams
+        self.instance_targets = instance_targets
         self.loss_fn = _user_error(
-            create_loss, hp.loss, multiclass=multiclass, weight=hp.loss_weight, ignore_index=hp.ignore_index,
-            out_channels=hp.out_channels,
+            create_loss, hp.loss, multiclass=multiclass, weight=hp.loss_weight,
+            ignore_index=MASKED if instance_targets else hp.ignore_index, out_channels=hp.out_channels,
         )
         self.multiclass = multiclass
         # Stored so that the checkpoint carries the label type, and prediction the right final activation.
@@ -158,9 +172,26 @@ class UNet3DModule(pl.LightningModule):
         self.activation = final_activation_name(hp.loss, multiclass=multiclass)
         self.val_metrics = self._make_metrics("val")
         self.test_metrics = self._make_metrics("test")
+        if instance_targets:
+            # Not persistent (MeanMetric's default): checkpoints keep the same keys with or without them.
+            self.instance_metrics = torch.nn.ModuleDict(
+                {f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("arand", "ap")}
+            ).to(self.device)
+
+    def metric_names(self, stage: str = "val") -> list[str]:
+        """Names of the metrics this module logs for ``stage`` (``"val"`` or ``"test"``) once its label type is
+        known: ``<stage>/loss``, ``<stage>/dice``, ``<stage>/iou`` (``<stage>/dice_class<i>`` with several output
+        channels), and with instance targets ``<stage>/arand`` and ``<stage>/ap``."""
+        names = [f"{stage}/loss", f"{stage}/dice", f"{stage}/iou"]
+        if self.hparams.out_channels > 1:
+            names += [f"{stage}/dice_class{i}" for i in range(self.hparams.out_channels)]
+        if self.instance_targets or self.hparams.get("targets"):
+            names += [f"{stage}/arand", f"{stage}/ap"]
+        return names
 
     def _make_metrics(self, stage: str) -> MetricCollection:
-        c, ignore = self.hparams.out_channels, self.hparams.ignore_index
+        c = self.hparams.out_channels
+        ignore = MASKED if self.instance_targets else self.hparams.ignore_index
         if self.multiclass:
             metrics = {
                 "dice": MulticlassF1Score(num_classes=c, average="none", ignore_index=ignore),
@@ -197,6 +228,9 @@ class UNet3DModule(pl.LightningModule):
             # nn.Module.compile compiles in place: the state_dict keys (checkpoints) stay those of the plain network.
             self.net.compile()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        targets = getattr(datamodule, "targets", None)
+        if targets is not None and stage != "predict":
+            self.hparams["targets"] = targets.spec()
         self.use_label_kind(
             getattr(datamodule, "label_kind", None),
             voxel_weights=stage != "predict" and getattr(datamodule, "weight_internal_path", None) is not None,
@@ -217,8 +251,14 @@ class UNet3DModule(pl.LightningModule):
 
     def _use_label_kind(self, label_kind: str) -> None:
         data_multiclass = label_kind == "class_ids"
-        if self.multiclass is None:
-            self._configure_task(data_multiclass)
+        instances = label_kind == "instances"
+        if instances and self.multiclass:
+            raise ConfigurationError(
+                f"loss {self.hparams.loss!r} (multiclass=True) cannot train on the boundary/affinity targets of "
+                "data.label_transform; use loss bce, dice or bce_dice"
+            )
+        if self.multiclass is None or instances != self.instance_targets:
+            self._configure_task(data_multiclass, instance_targets=instances)
         elif self.multiclass != data_multiclass:
             have = "3D class-id" if data_multiclass else "4D binary"
             if self.hparams.loss in _MULTICLASS_BY_LOSS:
@@ -337,6 +377,9 @@ class UNet3DModule(pl.LightningModule):
         batch_size = batch["raw"].shape[0]
         if batch_size == 0:
             mean_loss.update(torch.zeros((), device=self.device), weight=0.0)
+            if self.instance_targets:  # every rank takes part in the metrics' sync, also with nothing to add
+                for name in ("arand", "ap"):
+                    self.instance_metrics[f"{stage}_{name}"].update(torch.zeros((), device=self.device), weight=0.0)
             self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
             return {"loss": None, "probabilities": None}
         loss, logits = self._loss(batch)
@@ -346,7 +389,20 @@ class UNet3DModule(pl.LightningModule):
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         target = batch["label"]
         metrics.update(probabilities, target if self.multiclass else target.long())
+        if self.instance_targets and "instances" in batch and self.hparams.get("targets"):
+            self._update_instance_metrics(probabilities, batch["instances"], stage)
         return {"loss": loss, "probabilities": probabilities, "batch": batch}
+
+    def _update_instance_metrics(self, probabilities: Tensor, instances: Tensor, stage: str) -> None:
+        """Adapted Rand error and AP@0.5 of each patch's instances (connected components of the thresholded
+        prediction, see :func:`~unet3d_lightning.instances.instance_scores`); the epoch's values are their means."""
+        from .instances import instance_scores  # scikit-image is needed only by instance runs
+
+        maps, truth = probabilities.detach().float().cpu().numpy(), instances.cpu().numpy()
+        for sample_maps, sample_truth in zip(maps, truth):
+            arand, ap = instance_scores(sample_maps, sample_truth, self.hparams.targets)
+            self.instance_metrics[f"{stage}_arand"].update(torch.tensor(arand, device=self.device))
+            self.instance_metrics[f"{stage}_ap"].update(torch.tensor(ap, device=self.device))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         return self._evaluate(batch, "val")
@@ -363,6 +419,11 @@ class UNet3DModule(pl.LightningModule):
         others = {f"{stage}/iou": values[f"{stage}/iou"]}
         if per_class.numel() > 1:
             others.update({f"{stage}/dice_class{i}": v for i, v in enumerate(per_class)})
+        if self.instance_targets:
+            for name in ("arand", "ap"):
+                metric = self.instance_metrics[f"{stage}_{name}"]
+                others[f"{stage}/{name}"] = metric.compute()  # synced over ranks
+                metric.reset()
         self.log_dict(others, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:

@@ -19,6 +19,7 @@ from ..errors import ConfigurationError
 from . import readers
 from .patches import padded_shape, patch_grid
 from .sampling import PaddingIndex, ShardedSampler
+from .targets import LABEL_TRANSFORMS, LabelTransform, LabelTransformName, TargetOptions, relabel
 from .transforms import Augmentation, Compose
 from .volumes import (
     READ_ERRORS,
@@ -177,8 +178,13 @@ class PatchDataset(Dataset):
         normalization: str = "standardize",
         transforms: Compose | None = None,
         with_labels: bool = True,
+        label_transform: LabelTransform | None = None,
+        ignore_label: int | None = None,
     ) -> None:
         self.volumes = list(volumes)
+        # Instance labels: relabelled to small int64 ids before the augmentations, turned into targets after them.
+        self.label_transform = label_transform
+        self.ignore_label = ignore_label
         self.locations = list(locations)
         self.normalization = normalization
         self.transforms = transforms
@@ -201,7 +207,9 @@ class PatchDataset(Dataset):
         sample = {"raw": torch.from_numpy(np.ascontiguousarray(raw))}
         if self.with_labels and volume.label_internal_path is not None:
             label = _read_region(volume, self._files, "label", slices, volume.label_kind == "binary")
-            dtype = np.int64 if volume.label_kind == "class_ids" else np.float32
+            if volume.label_kind == "instances":
+                label = relabel(label, ignore_label=self.ignore_label)
+            dtype = np.int64 if volume.label_kind in ("class_ids", "instances") else np.float32
             sample["label"] = torch.from_numpy(np.ascontiguousarray(label.astype(dtype, copy=not fresh)))
         if self.with_labels and volume.weight_internal_path is not None:
             weight = _read_region(volume, self._files, "weight", slices, volume.weight_is_4d)
@@ -210,6 +218,8 @@ class PatchDataset(Dataset):
             generator = torch.Generator()
             generator.manual_seed(seed)
             sample = self.transforms(sample, generator)
+        if self.label_transform is not None and "label" in sample:
+            sample = self.label_transform(sample)
         sample["padding"] = padding  # a DDP padding duplicate (see ShardedSampler): not to be counted
         return sample
 
@@ -369,6 +379,14 @@ class HDF5DataModule(pl.LightningDataModule):
             of that role, so both lists must expand to the same count. The labels (and weights) are read at
             ``label_internal_path`` (``weight_internal_path``) of the label file, which may be of another format
             than the volume. A role without an entry keeps its labels inside the volumes' files. Default None.
+        label_transform: ``"none"`` (labels are the targets), or train on targets derived per patch, after the
+            augmentations, from ``(D, H, W)`` instance labels (one integer id per object, 0 background, any integer
+            dtype up to uint64; ``model.ignore_index`` then names an instance id to ignore): ``"boundaries"``
+            (borders between objects) or ``"affinities"`` (same object as the neighbour at each offset); see
+            :mod:`unet3d_lightning.data.targets`. ``model.out_channels`` must equal the number of target channels
+            and the loss be ``bce``, ``dice`` or ``bce_dice``. Default ``"none"``.
+        target_options: settings of those targets (boundary thickness, foreground channel, affinity offsets); see
+            :class:`~unet3d_lightning.data.targets.TargetOptions`. Default ``TargetOptions()``.
     """
 
     def __init__(
@@ -396,11 +414,16 @@ class HDF5DataModule(pl.LightningDataModule):
         in_memory: bool = False,
         seed: int | None = None,
         label_paths: dict[str, list[str]] | None = None,
+        label_transform: LabelTransformName = "none",
+        target_options: TargetOptions = TargetOptions(),
     ) -> None:
         super().__init__()
         if isinstance(augmentation, Mapping):  # as stored in a checkpoint's hyperparameters
             augmentation = Augmentation(**augmentation)
-        self.save_hyperparameters(ignore=["augmentation"])
+        if isinstance(target_options, Mapping):
+            target_options = TargetOptions(**target_options)
+        self.save_hyperparameters(ignore=["augmentation", "target_options"])
+        self.hparams["target_options"] = dataclasses.asdict(target_options)
         # Stored as a plain dict: checkpoints must load with torch.load(weights_only=True), the default, which
         # refuses instances of arbitrary classes such as Augmentation.
         self.hparams["augmentation"] = dataclasses.asdict(augmentation)
@@ -440,6 +463,13 @@ class HDF5DataModule(pl.LightningDataModule):
         self.empty_patch_keep_share = empty_patch_keep_share
         self.in_memory = in_memory
         self.seed = seed
+        if label_transform not in LABEL_TRANSFORMS:
+            raise ConfigurationError(
+                f"data.label_transform {label_transform!r} is not one of {', '.join(LABEL_TRANSFORMS)}"
+            )
+        self.label_transform = label_transform
+        self.target_options = target_options
+        self.targets = LabelTransform(label_transform, target_options) if label_transform != "none" else None
         self.datasets: dict[str, Dataset] = {}
         self.volumes: dict[str, list[Volume]] = {}
         self._scanned: dict[tuple[Any, ...], Volume] = {}
@@ -447,7 +477,8 @@ class HDF5DataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------------------------------------ setup
     @property
     def label_kind(self) -> str | None:
-        """``"class_ids"`` (3D labels) or ``"binary"`` (4D masks) of the training (else validation/test) volumes."""
+        """``"class_ids"`` (3D labels), ``"binary"`` (4D masks) or ``"instances"`` (3D instance ids with a
+        ``label_transform``) of the training (else validation/test) volumes."""
         for role in ("train", "val", "test"):
             if self.volumes.get(role):
                 return self.volumes[role][0].label_kind
@@ -496,11 +527,18 @@ class HDF5DataModule(pl.LightningDataModule):
         for role in roles:
             self.volumes[role] = self._load_volumes(role, spec)
         labelled = [v for role in roles if role != "predict" for v in self.volumes[role]]
-        kinds = {"class_ids": "3D class ids", "binary": "4D binary masks"}
+        kinds = {"class_ids": "3D class ids", "binary": "4D binary masks", "instances": "3D instance ids"}
         check_consistent(labelled, "label_kind", "labels as", "label_internal_path", kinds.get)
         # Without a model to compare with, the volumes must at least agree among themselves.
         check_consistent(labelled, "label_channels", "mask channel count", "label_internal_path")
         check_consistent([v for role in roles for v in self.volumes[role]], "channels", "raw channel count")
+        if self.targets is not None and labelled and spec["out_channels"] is not None:
+            if spec["out_channels"] != self.targets.channels:
+                raise ConfigurationError(
+                    f"data.label_transform {self.label_transform!r} gives {self.targets.channels} target channel(s) "
+                    f"but the model has out_channels={spec['out_channels']}; set model.out_channels to "
+                    f"{self.targets.channels}"
+                )
         for role in roles:
             patch, stride = self._shapes(role)  # a missing patch shape is a configuration error too
             if spec.get("spatial_dims") == 2 and patch[0] != 1:
@@ -538,9 +576,11 @@ class HDF5DataModule(pl.LightningDataModule):
                         f"{volume.describe(volume.raw_internal_path)} has {volume.channels} channel(s) but the model "
                         f"has in_channels={spec['in_channels']}"
                     )
+                if self.targets is not None and volume.label_internal_path is not None:
+                    _check_instance_labels(volume)
                 scan_volume(
-                    volume, out_channels=spec["out_channels"], ignore_index=spec["ignore_index"],
-                    percentiles=percentiles,
+                    volume, out_channels=spec["out_channels"] if volume.label_kind != "instances" else None,
+                    ignore_index=spec["ignore_index"], percentiles=percentiles,
                 )
                 if self.in_memory:
                     load_arrays(volume)
@@ -625,7 +665,10 @@ class HDF5DataModule(pl.LightningDataModule):
                 f"patches of {len(volumes)} volume(s); lower it or raise data.empty_patch_keep_share"
             )
         transforms = self.augmentation.build() if role == "train" else None
-        return PatchDataset(volumes, locations, self.normalization, transforms or None)
+        return PatchDataset(
+            volumes, locations, self.normalization, transforms or None, label_transform=self.targets,
+            ignore_label=self._model_spec()["ignore_index"],
+        )
 
     def _filter(self, volume: Volume, grid: list, patch: Shape3) -> list:
         """Keep patches with enough foreground, plus a random share of the others."""
@@ -793,6 +836,24 @@ def foreground_fractions(volume: Volume, grid: list, patch: Shape3, ignore_index
         return fractions
     finally:
         cache.close()
+
+
+def _check_instance_labels(volume: Volume) -> None:
+    """With a label transform, labels must be ``(D, H, W)`` integer instance ids; marks the volume as such."""
+    key = volume.label_internal_path
+    if volume.label_kind != "class_ids":
+        raise ConfigurationError(
+            f"{volume.describe(key, 'label')} is 4D, but data.label_transform needs (D, H, W) instance labels (one id "
+            "per object)"
+        )
+    with readers.open_file(volume.file_of("label"), volume.role) as f:
+        dtype = np.dtype(f.array(key).dtype)
+    if not (np.issubdtype(dtype, np.integer) or dtype == bool):
+        raise ConfigurationError(
+            f"{volume.describe(key, 'label')} has dtype {dtype}, but instance labels must be integer ids (e.g. "
+            "uint32, uint64); convert them, or set data.label_transform: none for class ids"
+        )
+    volume.label_kind = "instances"
 
 
 def _shape(value: Sequence[int] | None, name: str) -> Shape3 | None:

@@ -6,7 +6,11 @@ For each input volume ``<dir>/<stem>.h5`` it writes ``<output_dir>/<stem>_predic
   labels, per-channel sigmoid for binary masks), float32 by default, in chunks of one channel and up to
   ``CHUNK_ZYX`` = 16 x 256 x 256 voxels, compressed with HDF5's standard shuffle + gzip (or lzf) filters;
 - ``segmentation`` (``save_segmentation=True``): ``(D, H, W)`` argmax class ids (softmax models) or
-  ``(C, D, H, W)`` masks thresholded at 0.5 (sigmoid models), uint8 (uint16 beyond 255 classes).
+  ``(C, D, H, W)`` masks thresholded at 0.5 (sigmoid models), uint8 (uint16 beyond 255 classes);
+- ``instances`` (``instances=True``, models trained on boundary or affinity targets): ``(D, H, W)`` uint32 (uint64
+  beyond 2**32 - 1 objects) instance ids, 0 background, from a seeded watershed of the whole stitched volume
+  (:func:`unet3d_lightning.instances.watershed_instances`), computed when the volume's maps are complete, before the
+  file is renamed.
 
 With ``format="zarr"`` the output is instead a Zarr (format 3) store ``<output_dir>/<stem>_predictions.zarr``
 holding the same arrays, with the same chunks, compressed with Blosc-zstd; it is written by the same streaming code.
@@ -55,6 +59,7 @@ from tqdm.auto import tqdm
 
 from ..data.readers import require_formats_extra, volume_stem
 from ..errors import ConfigurationError
+from ..instances import WatershedOptions
 from .stitcher import StreamingStitcher
 
 OUTPUT_SUFFIX = "_predictions.h5"
@@ -364,8 +369,11 @@ class _VolumeOutput:
     def __init__(
         self, final: Path, shape: Sequence[int], channels: int, dtype: str, segmentation: str | None,
         compression: str | None, pool: ThreadPoolExecutor | None, format: str = "hdf5",
+        instances: tuple[dict[str, Any], WatershedOptions] | None = None,
     ) -> None:
         self.final = final
+        self.instances = instances  # (the model's target spec, watershed settings), or None
+        self.compression = compression
         self.tmp = temporary_path(final)
         self.format = format
         try:
@@ -416,11 +424,32 @@ class _VolumeOutput:
         self.predictions.close()
         if self.segmentation is not None:
             self.segmentation.close()
+        if self.instances is not None:
+            self._write_instances(*self.instances)
         self.file.close()
         if self.format == "zarr":
             _replace_directory(self.tmp, self.final)
         else:
             os.replace(self.tmp, self.final)
+
+    def _write_instances(self, spec: dict[str, Any], options: WatershedOptions) -> None:
+        """Read the complete maps back and write their watershed as ``instances``: the watershed needs the whole
+        volume at once, which the streamed slabs never were."""
+        from ..instances import boundary_evidence, instance_dtype, watershed_instances
+
+        maps = np.asarray(self.predictions.dataset[...], np.float32)
+        if self.scale != 1.0:
+            maps /= self.scale
+        boundary, foreground = boundary_evidence(maps, spec, options.threshold)
+        del maps
+        labels = watershed_instances(boundary, foreground, options)
+        count = int(labels.max()) if labels.size else 0
+        # Written like the other outputs (same chunks and compression, HDF5 or Zarr), in one go.
+        output = _ChunkRowDataset(self.file, "instances", labels.shape, instance_dtype(count), self.compression, None)
+        output.add(0, labels.shape[0], labels)
+        output.close()
+        output.dataset.attrs["count"] = count
+        output.dataset.attrs["method"] = f"seeded watershed of {spec['kind']}: {options}"
 
     def discard(self) -> None:
         """Close and delete the temporary file; never raises, since it runs while another error is handled."""
@@ -486,6 +515,14 @@ class PredictionWriter(Callback):
             Default False.
         format: ``"hdf5"``: one HDF5 file ``<stem>_predictions.h5`` per volume; ``"zarr"``: one Zarr (format 3)
             store ``<stem>_predictions.zarr`` (needs the ``formats`` extra). Default ``"hdf5"``.
+        instances: also write ``instances``, a ``(D, H, W)`` uint32/uint64 instance segmentation from a seeded
+            watershed of the stitched maps; only for models trained with ``data.label_transform`` boundaries or
+            affinities. MEMORY: unlike the rest of prediction, which streams, the watershed holds the WHOLE volume:
+            about 80 bytes per voxel plus 4 per voxel and output channel (a 1024^3 volume needs about 90 GB).
+            Volumes above ``watershed.memory_limit_gb`` are refused before prediction starts; segment such volumes
+            blockwise from the written ``predictions`` (e.g. PlantSeg, elf, daisy/lsd). Default False.
+        watershed: settings of that watershed (threshold, seed smoothing and spacing, minimum size, memory limit);
+            see :class:`~unet3d_lightning.instances.WatershedOptions`. Default ``WatershedOptions()``.
 
     Example::
 
@@ -504,6 +541,8 @@ class PredictionWriter(Callback):
         compression: Literal["gzip", "lzf", "none"] = "gzip",
         tta: bool = False,
         format: Literal["hdf5", "zarr"] = "hdf5",
+        instances: bool = False,
+        watershed: WatershedOptions = WatershedOptions(),
     ) -> None:
         if blend not in ("average", "gaussian"):
             raise ConfigurationError(f"prediction.blend {blend!r} is not one of average, gaussian")
@@ -530,6 +569,8 @@ class PredictionWriter(Callback):
         self.compression = None if compression == "none" else compression
         self.tta = tta
         self.format = format
+        self.instances = instances
+        self.watershed = WatershedOptions(**watershed) if isinstance(watershed, dict) else watershed
         self.written: list[Path] = []
         self._created: list[Path] = []  # directories this run created, removed again if it fails
         self._reset()
@@ -545,6 +586,7 @@ class PredictionWriter(Callback):
         self._voxels = 0
         self._start = 0.0
         self._pool: ThreadPoolExecutor | None = None
+        self._targets: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -566,6 +608,7 @@ class PredictionWriter(Callback):
         )
         self._check_halo(plans, int(pl_module.hparams.out_channels))
         self._check_memory(plans, pl_module, int(getattr(loader, "batch_size", None) or 1))
+        self._targets = self._check_instances(plans, pl_module) if self.instances else None
         self._plans = list(plans)
         pl_module.predict_tta = self.tta
         self._start = time.perf_counter()
@@ -692,6 +735,32 @@ class PredictionWriter(Callback):
                     f"in y x) but {_gib(have)} is available; use a smaller data.predict_patch_shape or data.batch_size"
                 )
 
+    def _check_instances(self, plans: Sequence[Any], pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The model's target spec, after checking that it has one and that every volume's watershed fits in
+        ``watershed.memory_limit_gb``: refused here, before any patch is predicted, rather than by the OOM killer."""
+        from ..instances import watershed_bytes
+
+        targets = getattr(pl_module, "hparams", {}).get("targets")
+        if not targets:
+            raise ConfigurationError(
+                "prediction.instances needs a model trained on boundaries or affinities (data.label_transform); this "
+                "model predicts class probabilities or masks: drop prediction.instances or use such a checkpoint"
+            )
+        channels = int(pl_module.hparams.out_channels)
+        limit = float(self.watershed.memory_limit_gb) * 1024**3
+        for plan in plans:
+            shape = plan.volume.spatial_shape
+            need = watershed_bytes(shape) + 4 * channels * int(np.prod(shape))
+            if need > limit:
+                raise ConfigurationError(
+                    f"predict volume {plan.volume.path}: the watershed of prediction.instances holds the whole volume "
+                    f"{tuple(shape)} in memory, about {need / 1024**3:.1f} GB, above prediction.watershed."
+                    f"memory_limit_gb={self.watershed.memory_limit_gb:g}; raise the limit if the machine has the "
+                    "memory, or predict without instances and segment the predictions blockwise (e.g. PlantSeg, "
+                    "elf, daisy/lsd)"
+                )
+        return dict(targets)
+
     # ------------------------------------------------------------------------------------------------ volumes
     def _advance_to(self, trainer: pl.Trainer, pl_module: pl.LightningModule, volume: int) -> None:
         """Finish the open volume, open-and-finish the volumes this rank has no patch of, then open ``volume``.
@@ -737,6 +806,11 @@ class PredictionWriter(Callback):
                     final, plan.volume.spatial_shape, channels, self.dtype, segmentation, self.compression, self._pool,
                     self.format,
                 )
+            self._output = _VolumeOutput(
+                output_path(self.output_dir, plan.volume.path, self.format), plan.volume.spatial_shape, channels,
+                self.dtype, segmentation, self.compression, self._pool, self.format,
+                instances=(self._targets, self.watershed) if self._targets else None,
+            )
             self._writer = _BackgroundWriter()
             if trainer.progress_bar_callback is not None:
                 self._bar = tqdm(
