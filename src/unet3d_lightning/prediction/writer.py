@@ -804,13 +804,8 @@ class PredictionWriter(Callback):
             with _writing(final, (channels, *plan.volume.spatial_shape), self.dtype):
                 self._output = _VolumeOutput(
                     final, plan.volume.spatial_shape, channels, self.dtype, segmentation, self.compression, self._pool,
-                    self.format,
+                    self.format, instances=(self._targets, self.watershed) if self._targets else None,
                 )
-            self._output = _VolumeOutput(
-                output_path(self.output_dir, plan.volume.path, self.format), plan.volume.spatial_shape, channels,
-                self.dtype, segmentation, self.compression, self._pool, self.format,
-                instances=(self._targets, self.watershed) if self._targets else None,
-            )
             self._writer = _BackgroundWriter()
             if trainer.progress_bar_callback is not None:
                 self._bar = tqdm(
