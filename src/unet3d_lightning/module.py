@@ -178,17 +178,6 @@ class UNet3DModule(pl.LightningModule):
                 {f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("arand", "ap")}
             ).to(self.device)
 
-    def metric_names(self, stage: str = "val") -> list[str]:
-        """Names of the metrics this module logs for ``stage`` (``"val"`` or ``"test"``) once its label type is
-        known: ``<stage>/loss``, ``<stage>/dice``, ``<stage>/iou`` (``<stage>/dice_class<i>`` with several output
-        channels), and with instance targets ``<stage>/arand`` and ``<stage>/ap``."""
-        names = [f"{stage}/loss", f"{stage}/dice", f"{stage}/iou"]
-        if self.hparams.out_channels > 1:
-            names += [f"{stage}/dice_class{i}" for i in range(self.hparams.out_channels)]
-        if self.instance_targets or self.hparams.get("targets"):
-            names += [f"{stage}/arand", f"{stage}/ap"]
-        return names
-
     def _make_metrics(self, stage: str) -> MetricCollection:
         c = self.hparams.out_channels
         ignore = MASKED if self.instance_targets else self.hparams.ignore_index
@@ -316,16 +305,20 @@ class UNet3DModule(pl.LightningModule):
                     k: v.contiguous(memory_format=fmt) if isinstance(v, Tensor) and v.dim() == _FORMAT_DIMS[fmt] else v
                     for k, v in state.items()
                 })
+
     def logged_metric_names(self, validation: bool = True) -> list[str]:
         """The metrics ``fit`` logs, which ``checkpoint.monitor``, ``early_stopping.monitor`` and
         ``lr_scheduler_monitor`` may name: ``train/loss`` (per step), ``train/loss_epoch`` and, when validation runs
         (``validation``, default True), ``val/loss``, ``val/dice``, ``val/iou`` and ``val/dice_class<i>`` for each
-        of the ``out_channels`` (when there is more than one)."""
+        of the ``out_channels`` (when there is more than one), and with instance targets ``val/arand`` and
+        ``val/ap``."""
         names = ["train/loss", "train/loss_epoch"]
         if validation:
             names += ["val/loss", "val/dice", "val/iou"]
             if self.hparams.out_channels > 1:
                 names += [f"val/dice_class{i}" for i in range(self.hparams.out_channels)]
+            if self.instance_targets or self.hparams.get("targets"):
+                names += ["val/arand", "val/ap"]  # targets derived from instance labels (data.label_transform)
         return names
 
     # ----------------------------------------------------------------------------------------------- forward
