@@ -62,7 +62,6 @@ def test_fit_on_touching_cells_lowers_arand_and_predict_recovers_the_cells(tmp_p
     config = _config(tmp_path)
     main(args=["fit", "--config", str(config)])
     arand, ap = _metrics(tmp_path, "val/arand"), _metrics(tmp_path, "val/ap")
-    print("ARAND", arand, "AP", ap)
     assert len(arand) == 6 and len(ap) == 6
     assert min(arand[-2:]) < arand[0] and min(arand) < 0.2, arand
     assert max(ap) > ap[0], ap
