@@ -383,7 +383,8 @@ class UNet3DCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Fail fast, before any model, data or checkpoint is loaded, on mistakes visible in the config."""
         sub = self.subcommand
-        if sub is None:  # run=False: classes only, nothing will be run
+        if sub is None:  # run=False: classes only, nothing will be run; the callbacks still need their modes
+            self._resolve_modes(self.config)
             return
         config = self.config[sub]
         ckpt_path = config.get("ckpt_path")
