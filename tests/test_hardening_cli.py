@@ -332,3 +332,13 @@ def test_an_empty_config_file(tmp_path, capsys):
 def test_evaluating_without_a_checkpoint_is_an_error(trained, capsys, subcommand):
     line = error_line(capsys, [subcommand, "--config", str(trained[0])])
     assert f"{subcommand} needs --ckpt_path" in line and "random weights" in line
+
+
+def test_a_second_run_without_a_logger_into_the_same_root_dir(tmp_path, capsys):
+    config = make_config(tmp_path, str(tmp_path / "runs"), max_epochs=1, logger=False)
+    main(["fit", "--config", str(config)])
+    assert (tmp_path / "runs" / "config.yaml").is_file()
+    before = (tmp_path / "runs" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    line = error_line(capsys, ["fit", "--config", str(config)])
+    assert "already holds a run without a logger" in line and "--ckpt_path" in line
+    assert (tmp_path / "runs" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == before

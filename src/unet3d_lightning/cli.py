@@ -58,6 +58,17 @@ class SaveRunConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, "fit")
 
 
+def check_no_run_without_logger(root_dir: str | Path) -> None:
+    """Without a logger a run writes ``config.yaml`` and ``checkpoints/`` straight into the root dir, so a second new
+    run there would clash with (or silently sit beside) the first one's files: refuse it before anything starts."""
+    config = Path(root_dir) / "config.yaml"
+    if config.exists():
+        raise ConfigurationError(
+            f"trainer.default_root_dir {root_dir} already holds a run without a logger ({config}); give a new "
+            f"default_root_dir, or resume that run with --ckpt_path {Path(root_dir) / 'checkpoints' / 'last.ckpt'}"
+        )
+
+
 def run_dir_of_checkpoint(ckpt_path: str | Path) -> Path | None:
     """``<root>/<name>/version_N`` when ``ckpt_path`` is ``<root>/<name>/version_N/checkpoints/<file>``, else None."""
     path = Path(ckpt_path).resolve()
@@ -392,6 +403,8 @@ class UNet3DCLI(LightningCLI):
         self._resolve_modes(config)
         if sub == "fit":
             check_root_dir(config.trainer.get("default_root_dir") or ".")
+            if not ckpt_path and config.trainer.get("logger") is False:
+                check_no_run_without_logger(config.trainer.get("default_root_dir") or ".")
             if not ckpt_path:
                 self._resume_requeued_slurm_job(config)
         if sub in ("validate", "test") and not ckpt_path:
