@@ -327,3 +327,73 @@ def test_default_run_gives_no_dataloader_worker_warning(cores, blob_files, tmp_p
                    "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "runs")])
     messages = [str(w.message) for w in caught] + capsys.readouterr().err.splitlines()
     assert not [m for m in messages if "worker" in m.lower()], messages
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inference releases the decoder's inputs layer by layer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["gcr", "crg", "cbr"])
+@pytest.mark.parametrize("upsample", ["interpolate", "deconv"])
+def test_inference_path_equals_the_module_path(order, upsample):
+    """Without gradients the decoders run layer by layer; the result is bit-identical to calling the modules (the
+    path taken with gradients, or when a decoder carries a hook), and decoder hooks still run when registered."""
+    torch.manual_seed(0)
+    net = UNet3D(1, 3, f_maps=4, num_levels=3, layer_order=order, num_groups=2, upsample=upsample).eval()
+    x = torch.randn(2, 1, 9, 16, 14)  # odd depth: the interpolated path resizes, not only doubles
+    with torch.no_grad():
+        lean = net(x.clone())
+    with torch.enable_grad():
+        with_grad = net(x.clone()).detach()
+    seen = []
+    handle = net.decoders[0].conv[1].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        hooked = net(x.clone())
+    handle.remove()
+    assert torch.equal(lean, with_grad)
+    assert torch.equal(lean, hooked)
+    assert seen == [torch.Size([2, 8, 5, 8, 7])]
+
+
+_PEAK_SCRIPT = """
+import sys, torch
+from unet3d_lightning.model import UNet3D
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+net = UNet3D(1, 2, f_maps=8, num_levels=3, layer_order="gcr", num_groups=4, upsample="interpolate").eval()
+net.to(memory_format=torch.channels_last_3d)  # as predict runs it (contiguous, oneDNN's own copies dominate)
+if sys.argv[1] == "hooked":  # a decoder hook: the module path, which keeps each decoder's inputs to its end
+    net.decoders[-1].register_forward_hook(lambda module, args, out: None)
+with torch.no_grad():
+    net(torch.randn(1, 1, 8, 16, 16).contiguous(memory_format=torch.channels_last_3d))
+    x = torch.randn(2, 1, 32, 64, 128).contiguous(memory_format=torch.channels_last_3d)  # batch 1: im2col scratch
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    net(x)
+print(status("VmHWM:") - before)
+"""
+
+
+@pytest.mark.slow
+def test_inference_releases_decoder_inputs_early():
+    """Peak memory of one forward pass, each path in a fresh process: the layer-by-layer path frees the skip
+    connection, the deeper features and the concatenation as soon as they are read. With 16 MiB per 8-channel
+    full-resolution tensor here, the module path's peak is the concatenation (48 MiB), its normalised copy (48), the
+    first convolution's output (16), the skip connection (16) and the deeper features (4): 132 MiB; the
+    layer-by-layer path's is 100 MiB (while concatenating). Measured: about 125 vs 157 MiB."""
+    import subprocess
+    import sys
+
+    peaks = {}
+    for path in ("lean", "hooked"):
+        result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, path], capture_output=True, text=True,
+                                check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        peaks[path] = int(result.stdout.split()[-1]) / 2**20
+    assert peaks["lean"] <= peaks["hooked"] - 24, peaks

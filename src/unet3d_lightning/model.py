@@ -19,7 +19,7 @@ along an axis needs no multiple of ``2**(num_levels - 1)``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -161,9 +161,19 @@ class Decoder(nn.Module):
         )
 
     def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
-        # The upsampled features are only an input of the concatenation: no name keeps them alive while the
-        # convolutions run (at full resolution they are the largest tensor of the decoder after the concatenation).
-        return self.conv(torch.cat([skip, self._upsample(deep, skip.shape[2:])], dim=1))
+        return self.conv(self.join(deep, skip))
+
+    def join(self, deep: Tensor, skip: Tensor) -> Tensor:
+        """The convolutions' input: the skip connection, then the upsampled deeper features, along channels.
+
+        The upsampled features are only an input of the concatenation: no name keeps them alive while the
+        convolutions run (at full resolution they are the largest tensor of the decoder after the concatenation)."""
+        return torch.cat([skip, self._upsample(deep, skip.shape[2:])], dim=1)
+
+    def layers(self) -> Iterator[nn.Module]:
+        """The layers of :attr:`conv` in the order they run (what :meth:`forward` applies after :meth:`join`)."""
+        for block in self.conv:
+            yield from block
 
     def _upsample(self, deep: Tensor, size: torch.Size) -> Tensor:
         if self.upsample == "deconv":
@@ -241,11 +251,31 @@ class UNet3D(nn.Module):
             x = encoder(x)
             skips.append(x)
         skips.pop()  # the deepest level's output is x itself
+        if torch.is_grad_enabled() or any(_has_hooks(d) for d in self.decoders):
+            for decoder in self.decoders:
+                x = decoder(x, skips.pop())
+            return self.final_conv(x)
+        # Inference (prediction, validation): the same layers, run one by one so that every tensor is released as
+        # soon as the next layer has read it. Calling a decoder module would keep its arguments (the skip connection
+        # and the deeper features) and its concatenation alive until its last convolution: at full resolution that
+        # is about as much memory again as the convolutions need (a third less peak memory for a small U-Net).
+        # Only without forward hooks on the decoders and their blocks, which would not run here.
         for decoder in self.decoders:
-            # pop: each skip connection is released as soon as its decoder has used it (inference frees it then;
-            # training keeps what autograd needs anyway).
-            x = decoder(x, skips.pop())
+            x = decoder.join(x, skips.pop())  # pop: no name but the concatenation keeps the skip connection
+            for layer in decoder.layers():
+                x = layer(x)
         return self.final_conv(x)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether forward (pre-)hooks are registered on ``module`` or on a non-leaf module inside it (or globally)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks for m in module.modules() if next(m.children(), None) is not None
+    )
 
 
 def check_input(x: Tensor, spatial_dims: int) -> None:
