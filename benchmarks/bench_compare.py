@@ -194,7 +194,7 @@ def command_for(tool: str, inputs: dict[str, Any], depth: int, out: Path, args: 
                 f_maps: int, levels: int, workers: int) -> list[str]:
     volume = inputs["volumes"][depth]
     if tool == "ours":
-        return [sys.executable, "-m", "unet3d_lightning.cli", "predict", "--ckpt_path", str(inputs["checkpoint"]),
+        return [sys.executable, "-m", "unet3d_lightning", "predict", "--ckpt_path", str(inputs["checkpoint"]),
                 "--data.predict_paths", f"[{volume}]", "--data.predict_patch_shape", json.dumps(args.patch),
                 "--data.predict_stride_shape", json.dumps(args.stride), "--data.batch_size", str(args.batch_size),
                 "--data.num_workers", str(workers), "--prediction.output_dir", str(out),

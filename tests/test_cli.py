@@ -26,7 +26,7 @@ def command_line(monkeypatch):
 def unet3d_command() -> list[str]:
     """The installed console script next to this Python, else the module (same entry point)."""
     script = Path(sys.executable).parent / "unet3d"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "unet3d_lightning.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "unet3d_lightning"]
 
 
 def subprocess_env() -> dict[str, str]:

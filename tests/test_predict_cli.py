@@ -28,7 +28,7 @@ def unet3d(args, cwd):
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", "2")
     result = subprocess.run(
-        [sys.executable, "-m", "unet3d_lightning.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "unet3d_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=300,
     )
     assert result.returncode == 0, f"unet3d {args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

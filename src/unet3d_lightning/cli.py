@@ -291,6 +291,14 @@ class UNet3DCLI(LightningCLI):
         self.shutdown = shutdown if shutdown is not None else GracefulShutdown()
         self.given: Any = None
         self._undirected: list[str] = []  # monitors whose mode could not be read from the name
+        requested = kwargs.get("args")
+        requested = sys.argv[1:] if requested is None else requested
+        everything = LightningCLI.subcommands()
+        if kwargs.get("run", True) and isinstance(requested, list) and requested and requested[0] in everything:
+            # `unet3d predict ...` needs the predict parser only: building all four (fit, validate, test, predict)
+            # costs about half a second of every run. `unet3d --help` and mistyped subcommands still see all four.
+            only = {requested[0]: everything[requested[0]]}
+            self.subcommands = lambda: only  # type: ignore[method-assign]
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -389,7 +397,8 @@ class UNet3DCLI(LightningCLI):
         super()._add_subcommands(parser, **kwargs)
         # Keeping every patch's probabilities for trainer.predict's return value would hold the whole output in RAM;
         # the PredictionWriter streams it to disk instead.
-        self._subcommand_parsers["predict"].set_defaults(return_predictions=False)
+        if "predict" in self._subcommand_parsers:
+            self._subcommand_parsers["predict"].set_defaults(return_predictions=False)
 
     def before_instantiate_classes(self) -> None:
         """Fail fast, before any model, data or checkpoint is loaded, on mistakes visible in the config."""
