@@ -5,7 +5,8 @@ HDF5 volume, predict every patch of the same grid (50 % overlap, the same batch 
 stitch, and write the probabilities to a gzip-compressed HDF5 file. Runs alternate between the tools (the order
 rotates each round), so that a machine's slow phases hit every tool alike; medians and their ratios are printed.
 
-* ``ours``: ``unet3d predict --ckpt_path …`` (default settings: channels-last, ``data.num_workers`` auto);
+* ``ours``: ``unet3d predict --ckpt_path …`` run as ``python -m unet3d_lightning`` (the console script's entry point, so with its
+  default settings: huge pages for malloc, channels-last, ``data.num_workers`` auto);
 * ``monai``: a plain script — the same network and checkpoint, the volume read whole and standardised,
   ``monai.inferers.sliding_window_inference`` (``overlap=0.5``, ``mode="constant"``, softmax per window),
   ``h5py.create_dataset(..., compression="gzip")``;
