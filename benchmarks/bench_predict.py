@@ -380,6 +380,11 @@ def mib(kib_or_bytes: float, unit: str = "kib") -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # The process's allocator as the unet3d command sets it (UNET3D_CPU_ALLOCATOR, default huge pages: this
+    # re-executes the benchmark once); every way compared here runs in this one process, so all get the same.
+    from unet3d_lightning.launcher import configure_allocator
+
+    print(f"CPU allocator: {configure_allocator()}", flush=True)
     silence_known_noise()  # the same filters as the unet3d command: only the results on screen
     if args.threads:
         torch.set_num_threads(args.threads)

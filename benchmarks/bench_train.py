@@ -137,6 +137,11 @@ def run_plain(batches: list[dict[str, torch.Tensor]], args: argparse.Namespace, 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # The process's allocator as the unet3d command sets it (UNET3D_CPU_ALLOCATOR, default huge pages: this
+    # re-executes the benchmark once); every way compared here runs in this one process, so all get the same.
+    from unet3d_lightning.launcher import configure_allocator
+
+    print(f"CPU allocator: {configure_allocator()}", flush=True)
     silence_known_noise()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_train_"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -397,3 +397,31 @@ def test_inference_releases_decoder_inputs_early():
                                 check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         peaks[path] = int(result.stdout.split()[-1]) / 2**20
     assert peaks["lean"] <= peaks["hooked"] - 24, peaks
+
+
+@pytest.mark.parametrize("spatial_dims", [3, 2])
+@pytest.mark.parametrize("architecture,variant,upsample", [
+    ("unet", "pytorch3dunet", "interpolate"),
+    ("unet", "pytorch3dunet", "deconv"),
+    ("residual_unet", "native", "deconv"),
+    ("residual_se_unet", "pytorch3dunet", "deconv"),
+    ("residual_unet", "native", "interpolate"),
+])
+def test_inference_path_equals_the_module_path_for_every_architecture(architecture, variant, upsample, spatial_dims):
+    from unet3d_lightning.architectures import build_network
+
+    torch.manual_seed(0)
+    net = build_network(architecture, 1, 3, 4, 3, "gcr", 2, upsample, spatial_dims, variant).eval()
+    x = torch.randn(2, 1, *((9, 16, 14) if spatial_dims == 3 else (16, 14)))
+    with torch.no_grad():
+        lean = net(x.clone())
+    with torch.enable_grad():
+        with_grad = net(x.clone()).detach()
+    seen = []
+    handle = net.decoders[-1].register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    with torch.no_grad():
+        hooked = net(x.clone())
+    handle.remove()
+    assert torch.equal(lean, with_grad)
+    assert torch.equal(lean, hooked)
+    assert seen == [4]

@@ -52,6 +52,7 @@ from .model import (
     check_input,
     check_spatial_dims,
     conv_class,
+    has_forward_hooks,
     level_channels,
     parse_layer_order,
 )
@@ -207,6 +208,10 @@ class DecoderLevel(nn.Module):
         self.block = make_block(skip_channels + up_channels if joining == "concat" else skip_channels, skip_channels)
 
     def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
+        return self.block(self.join(deep, skip))
+
+    def join(self, deep: Tensor, skip: Tensor) -> Tensor:
+        """The block's input: the upsampled deeper features joined to the skip connection."""
         size = skip.shape[2:]
         if self.up is None:
             up = F.interpolate(deep, size=size, mode="nearest")
@@ -214,9 +219,20 @@ class DecoderLevel(nn.Module):
             up = self.up(deep, output_size=size)
         else:
             up = F.interpolate(self.up(deep), size=size, mode="nearest")
-        joined = torch.cat([skip, up], dim=1) if self.joining == "concat" else skip + up
-        del up  # not kept alive through the block: at full resolution it is one of the largest tensors
-        return self.block(joined)
+        # The upsampled features are not kept alive through the block: at full resolution they are one of the
+        # largest tensors.
+        return torch.cat([skip, up], dim=1) if self.joining == "concat" else skip + up
+
+    def run_inference(self, joined: list[Tensor]) -> Tensor:
+        """:attr:`block` applied to ``joined.pop()`` without keeping it alive longer than the block needs: a
+        double convolution layer by layer (each input freed once read), a residual block as a whole."""
+        if isinstance(self.block, DoubleConv):
+            x = joined.pop()
+            for single in self.block:
+                for layer in single:
+                    x = layer(x)
+            return x
+        return self.block(joined.pop())
 
 
 class UNet(nn.Module):
@@ -301,6 +317,13 @@ class UNet(nn.Module):
             x = encoder(x)
             skips.append(x)
         skips.pop()  # the deepest level's output is x itself
+        if torch.is_grad_enabled() or any(has_forward_hooks(d) for d in self.decoders):
+            for decoder in self.decoders:
+                x = decoder(x, skips.pop())  # each skip connection is released once its decoder has used it
+            return self.final_conv(x)
+        # Inference: as model.UNet3D, the decoders' inputs are released as soon as they are read.
         for decoder in self.decoders:
-            x = decoder(x, skips.pop())  # each skip connection is released once its decoder has used it
+            joined = [decoder.join(x, skips.pop())]
+            del x  # the deeper features: read
+            x = decoder.run_inference(joined)
         return self.final_conv(x)

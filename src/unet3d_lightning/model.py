@@ -251,7 +251,7 @@ class UNet3D(nn.Module):
             x = encoder(x)
             skips.append(x)
         skips.pop()  # the deepest level's output is x itself
-        if torch.is_grad_enabled() or any(_has_hooks(d) for d in self.decoders):
+        if torch.is_grad_enabled() or any(has_forward_hooks(d) for d in self.decoders):
             for decoder in self.decoders:
                 x = decoder(x, skips.pop())
             return self.final_conv(x)
@@ -267,7 +267,7 @@ class UNet3D(nn.Module):
         return self.final_conv(x)
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_forward_hooks(module: nn.Module) -> bool:
     """Whether forward (pre-)hooks are registered on ``module`` or on a non-leaf module inside it (or globally)."""
     from torch.nn.modules import module as torch_module
 
