@@ -148,3 +148,46 @@ def test_quick_exit_runs_exit_handlers_and_flushes():
 def test_message_exit_prints_and_returns_one(capsys):
     assert launcher.exit_status("stopped: reason") == 1
     assert capsys.readouterr().err == "stopped: reason\n"
+
+
+def test_pipe_safe_stream_drops_output_after_the_reader_left():
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def isatty(self):
+            return False
+
+    stream = launcher.PipeSafe(Closed())
+    assert stream.write("lost\n") == 5
+    stream.flush()
+    assert stream.broken
+    assert stream.isatty() is False  # everything else is the wrapped stream's
+
+
+@pytest.mark.slow
+def test_predict_piped_into_a_reader_that_stops_still_writes_its_output(tmp_path):
+    """``unet3d predict … | head -1``: the pipe closes after the first line; the run must still finish its file."""
+    import h5py
+    import numpy as np
+    import torch
+
+    from unet3d_lightning.module import UNet3DModule
+
+    module = UNet3DModule(in_channels=1, out_channels=2, f_maps=4, num_levels=2, num_groups=2)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tmp_path / "m.ckpt")
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f["raw"] = np.random.default_rng(0).random((8, 32, 32), dtype=np.float32)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "unet3d_lightning", "predict", "--ckpt_path", "m.ckpt", "--data.predict_paths",
+         "[v.h5]", "--data.predict_patch_shape", "[8,32,32]", "--prediction.output_dir", "out"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), text=True,
+    )
+    first = process.stdout.readline()
+    process.stdout.close()  # as `head -1` does
+    assert process.wait(timeout=300) == 0, first
+    with h5py.File(tmp_path / "out" / "v_predictions.h5", "r") as f:
+        assert f["predictions"].shape == (2, 8, 32, 32)

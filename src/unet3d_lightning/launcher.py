@@ -21,6 +21,9 @@ benchmark machine that system time was a third of the network's time. Tools comm
 Nothing is changed when the user set glibc's variables (``GLIBC_TUNABLES``, ``MALLOC_*``) or preloads another
 allocator. ``unet3d_lightning.cli.main`` (the in-process API used by scripts and tests) never changes the allocator.
 
+**Output.** A closed pipe on standard output or error (``unet3d predict … | head``) no longer aborts the run:
+the messages are dropped, the run finishes its files (:class:`PipeSafe`).
+
 **Exit.** Once a run has finished and its outputs are closed, tearing down the interpreter (thousands of modules
 imported by torch and Lightning) takes another second or two. ``unet3d`` runs the exit handlers, flushes its
 output and ends the process without that teardown.
@@ -33,6 +36,7 @@ import ctypes
 import os
 import platform
 import sys
+from typing import Any
 
 ENV_VAR = "UNET3D_CPU_ALLOCATOR"
 CHOICES = ("hugepages", "reuse", "system")
@@ -164,6 +168,36 @@ def quick_exit(status: int) -> None:
         os._exit(status)
 
 
+class PipeSafe:
+    """A text stream that stops writing, instead of raising, once its reader has gone away.
+
+    ``unet3d predict … | head`` closes the pipe after a few lines; Python then raises ``BrokenPipeError`` at the
+    next message (from Lightning, the progress bar, anywhere), which would abort the run and lose its outputs. Through
+    this wrapper the run goes on and finishes its files; what it would have printed is dropped."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self.broken = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def run() -> None:
     """``unet3d``: see the module docstring. Exceptions other than ``SystemExit`` end as Python would end them
     (traceback, status 1, full teardown)."""
@@ -172,6 +206,8 @@ def run() -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    sys.stdout = PipeSafe(sys.stdout)
+    sys.stderr = PipeSafe(sys.stderr)
     from .cli import main
 
     try:
