@@ -342,7 +342,7 @@ def test_memory_estimate_formula():
     parts = writer_module.estimate_predict_memory((4, 8, 8), (20, 10, 12), 2, 1, 3, 4)
     assert parts["stitcher"] == 4 * (4 * 4 * 120 + 2 * 4 * 256 + 3 * 4 * 120)  # band, staging, one slab
     assert parts["patches"] == 4 * 2 * 256 * (1 + 6)  # input, logits, probabilities
-    assert parts["network"] == 4 * 2 * 256 * 16 * 24  # f_maps counted as at least 16 (oneDNN's channel blocks)
+    assert parts["network"] == 4 * 2 * 256 * 16 * 12  # f_maps counted as at least 16 (oneDNN's channel blocks)
     assert parts["writer"] == 3 * 120 * (16 * 4 + 3 * 4 * 4)
     with_tta = writer_module.estimate_predict_memory((4, 8, 8), (20, 10, 12), 2, 1, 3, 4, tta=True)
     assert with_tta["patches"] == 2 * parts["patches"]

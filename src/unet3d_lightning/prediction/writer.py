@@ -895,10 +895,11 @@ def _writing(final: Path, shape: Sequence[int], dtype: str) -> Iterator[None]:
 # inference forward pass: the full-resolution encoder output kept for the skip connection, the decoder's
 # concatenation of it with the upsampled features, each convolution's input, output and workspace, normalisation
 # temporaries; the coarser levels add about a third (f_maps doubles while voxels shrink eightfold). Measured (peak
-# resident memory of one forward on CPU, GroupNorm, 2-4 levels, the plain, residual and residual-SE U-Nets): 10-22
-# values per voxel and feature map, the feature maps counted as at least FEATURE_BLOCK, since oneDNN's CPU
-# convolutions pad channels to blocks of 16.
-ACTIVATION_VALUES_PER_FEATURE = 24
+# resident memory of one forward on CPU, GroupNorm, 3 levels, the plain, residual and residual-SE U-Nets, batches of 1
+# and 2, contiguous and channels-last, with the decoders' inputs released layer by layer and oneDNN convolutions also
+# for batches of one): 3.6-6.0 values per voxel and feature map, the feature maps counted as at least FEATURE_BLOCK,
+# since oneDNN's CPU convolutions pad channels to blocks of 16. Twice that leaves room for other kernels' workspaces.
+ACTIVATION_VALUES_PER_FEATURE = 12
 FEATURE_BLOCK = 16
 
 
