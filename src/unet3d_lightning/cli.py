@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .callbacks import FitSummary, ProgressBar, SameRunResume, ValidationImages
 from .data.datamodule import HDF5DataModule
 from .data.volumes import resolve_paths
-from .errors import ConfigurationError, one_line
+from .errors import ConfigurationError, nearest_existing, one_line
 from .module import UNet3DModule, metric_mode
 from .prediction.writer import PredictionWriter, check_output_dir
 from .signals import GracefulShutdown, Interrupted, exit_status
@@ -158,10 +158,7 @@ def _global_step(ckpt_path: str | Path) -> int:
 def check_root_dir(root_dir: str | Path) -> None:
     """Fail if ``trainer.default_root_dir`` cannot be created or written, without creating anything: a run stopped
     by a configuration error leaves no directory behind."""
-    path = Path(root_dir).expanduser().absolute()
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(Path(root_dir).expanduser().absolute())
     if not existing.is_dir():
         raise ConfigurationError(
             f"trainer.default_root_dir {root_dir}: {existing} is a file, not a directory; choose another directory"

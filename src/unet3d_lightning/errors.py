@@ -1,6 +1,7 @@
 """The project's user-facing error type, and how its message is printed."""
 
 import re
+from pathlib import Path
 
 # ANSI/VT100 escape sequences (colours, cursor moves) that a library or a progress bar may put into a message.
 _ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
@@ -20,3 +21,12 @@ class ConfigurationError(ValueError):
 
     The ``unet3d`` command prints these as a single ``error:`` line (no traceback) and exits with status 2.
     """
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent: what decides whether a directory that is
+    still to be created can be (a file there, or no write permission, makes the error message)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing

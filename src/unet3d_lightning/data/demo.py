@@ -87,13 +87,19 @@ def generate(data_dir: str | os.PathLike = "data", seed: int = 0) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate the example and demo HDF5 volumes.")
+def run_generator(description: str, generate_fn, argv: list[str] | None = None) -> None:  # noqa: ANN001
+    """Command line of a demo generator: ``[DATA_DIR] [--seed N]``, then ``generate_fn(data_dir, seed)``, printing
+    every file written."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("data_dir", nargs="?", default="data", help="output directory (default: data)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args(argv)
-    for path in generate(args.data_dir, args.seed):
+    for path in generate_fn(args.data_dir, args.seed):
         print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_generator("Generate the example and demo HDF5 volumes.", generate, argv)
 
 
 if __name__ == "__main__":

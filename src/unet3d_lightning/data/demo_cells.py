@@ -10,7 +10,6 @@ only their equality matters). ``configs/instances_demo.yaml`` trains a boundary 
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .demo import _write
+from .demo import _write, run_generator
 from .targets import boundaries
 
 
@@ -65,12 +64,7 @@ def generate(data_dir: str | os.PathLike = "data", seed: int = 0) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate the instance segmentation demo volumes (touching cells).")
-    parser.add_argument("data_dir", nargs="?", default="data", help="output directory (default: data)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    args = parser.parse_args(argv)
-    for path in generate(args.data_dir, args.seed):
-        print(f"wrote {path}")
+    run_generator("Generate the instance segmentation demo volumes (touching cells).", generate, argv)
 
 
 if __name__ == "__main__":

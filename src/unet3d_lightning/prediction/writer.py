@@ -58,7 +58,7 @@ from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
 
 from ..data.readers import require_formats_extra, volume_stem
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, nearest_existing
 from ..instances import WatershedOptions
 from .stitcher import StreamingStitcher
 
@@ -139,9 +139,7 @@ def check_output_dir(
     """
     path = Path(output_dir).expanduser()
     check_collisions(path, [Path(p) for p in volumes], [Path(p) for p in other_inputs], format)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(path)
     if not existing.is_dir():
         raise ConfigurationError(
             f"prediction.output_dir {path}: not writable ({existing} is a file, not a directory); choose a directory"
