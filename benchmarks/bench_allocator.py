@@ -48,7 +48,7 @@ def child(args: argparse.Namespace) -> None:
 
     import torch
 
-    from unet3d_lightning.model import UNet3D
+    from unet3d_lightning.networks import UNet3D
 
     torch.manual_seed(0)
     fmt = torch.contiguous_format if args.contiguous else torch.channels_last_3d

@@ -77,7 +77,7 @@ def monai_child(job: dict[str, Any]) -> None:
     import torch
     from monai.inferers import sliding_window_inference
 
-    from unet3d_lightning.model import UNet3D
+    from unet3d_lightning.networks import UNet3D
 
     checkpoint = torch.load(job["checkpoint"], map_location="cpu", weights_only=True, mmap=True)
     hp = checkpoint["hyper_parameters"]

@@ -62,6 +62,7 @@ from unet3d_lightning.cli import silence_known_noise
 from unet3d_lightning.data.datamodule import HDF5DataModule
 from unet3d_lightning.data.patches import padded_shape, patch_grid
 from unet3d_lightning.module import UNet3DModule
+from unet3d_lightning.prediction.engine import inference_context
 from unet3d_lightning.prediction.writer import PredictionWriter
 
 
@@ -188,7 +189,9 @@ def bf16_difference(model: UNet3DModule, batches: list[torch.Tensor], args: argp
 def time_floor(model: UNet3DModule, batches: list[torch.Tensor], args: argparse.Namespace) -> float:
     model.to(args.device)
     best = float("inf")
-    with torch.inference_mode(), autocast(args.device, args.precision):
+    # The kernel choice of the predict path (oneDNN also for batches of one on a CPU), so that the floor runs the
+    # same convolutions as (2).
+    with torch.inference_mode(), autocast(args.device, args.precision), inference_context(args.device, model.net):
         model.final_activation(model(batches[0]))  # warm-up: allocator, kernels, cuDNN choices
         for _ in range(args.repeats):
             synchronize(args.device)

@@ -11,7 +11,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "UNet3D": "unet3d_lightning.model",
+    "UNet3D": "unet3d_lightning.networks",
     "UNet3DModule": "unet3d_lightning.module",
     "HDF5DataModule": "unet3d_lightning.data.datamodule",
     "losses": "unet3d_lightning.losses",

@@ -24,7 +24,8 @@ from torchmetrics.classification import (
 from .data.targets import MASKED
 from .errors import ConfigurationError
 from .losses import apply_final_activation, create_loss, final_activation_name
-from .architectures import build_network, slice_wise
+from .networks import build_network, slice_wise
+from .prediction.engine import inference_context
 
 LossName = Literal["ce", "wce", "bce", "dice", "bce_dice"]
 Architecture = Literal["unet", "residual_unet", "residual_se_unet"]
@@ -42,14 +43,14 @@ _MULTICLASS_BY_LOSS = {"ce": True, "wce": True, "bce": False, "bce_dice": False}
 class UNet3DModule(pl.LightningModule):
     """3D U-Net segmentation model trained with one of the Sudre et al. 2017 losses.
 
-    Architecture args are those of :class:`~unet3d_lightning.model.UNet3D`; they are saved in every checkpoint
+    Architecture args are those of :class:`~unet3d_lightning.networks.UNet`; they are saved in every checkpoint
     (``save_hyperparameters``), so ``UNet3DModule.load_from_checkpoint(path)`` and ``unet3d predict --ckpt_path``
     rebuild the model without repeating them.
 
     Args:
         in_channels, out_channels, f_maps, num_levels, layer_order, num_groups, upsample: see ``UNet3D``.
         architecture: ``"unet"`` (Çiçek et al.), ``"residual_unet"`` (Lee et al. 2017) or ``"residual_se_unet"``
-            (plus squeeze-excitation, Roy et al. 2018); see :mod:`unet3d_lightning.architectures`. Default ``"unet"``.
+            (plus squeeze-excitation, Roy et al. 2018); see :mod:`unet3d_lightning.networks`. Default ``"unet"``.
         spatial_dims: 3, or 2 for a 2D network trained and applied slice by slice on the volumes' z-slices (patch
             shapes then have z = 1). Default 3.
         variant: layer details, ``"native"`` or ``"pytorch3dunet"`` (set by ``unet3d import-pytorch3dunet`` for
@@ -375,7 +376,9 @@ class UNet3DModule(pl.LightningModule):
                     self.instance_metrics[f"{stage}_{name}"].update(torch.zeros((), device=self.device), weight=0.0)
             self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
             return {"loss": None, "probabilities": None}
-        loss, logits = self._loss(batch)
+        # Validation and test run the network without gradients, as prediction does: the same kernel choice.
+        with inference_context(batch["raw"].device, self.net):
+            loss, logits = self._loss(batch)
         probabilities = self.final_activation(logits)
         mean_loss.update(loss.detach(), weight=batch_size)
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
@@ -430,10 +433,13 @@ class UNet3DModule(pl.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Probabilities for a batch of patches, with their location passed through for the stitcher."""
         raw = batch["raw"]
-        if self.predict_tta:
-            probabilities = flip_tta(lambda x: self.final_activation(self(x)), raw)
-        else:
-            probabilities = self.final_activation(self(raw))
+        # The predict-time kernel choice (oneDNN also for batch-1 CPU convolutions) is entered per batch, so that
+        # the network is plain again between batches and after an interrupted run.
+        with inference_context(raw.device, self.net):
+            if self.predict_tta:
+                probabilities = flip_tta(lambda x: self.final_activation(self(x)), raw)
+            else:
+                probabilities = self.final_activation(self(raw))
         return {**{k: v for k, v in batch.items() if k != "raw"}, "probabilities": probabilities}
 
     # ----------------------------------------------------------------------------------------------- optimizers

@@ -1,40 +1,42 @@
-"""The architectures of ``model.architecture`` × ``model.spatial_dims`` × ``upsample`` × layer orders: they build, keep
-odd input sizes, learn one patch by heart, and old checkpoints (written before architectures existed) still predict
-the same."""
+"""The U-Net family (``unet3d_lightning.networks``): one class for every ``model.architecture`` ×
+``model.spatial_dims`` × ``upsample`` × layer order and both variants. It builds, keeps odd input sizes, learns one
+patch by heart, holds only standard torch modules, and loads the parameter names of earlier versions."""
 
 from __future__ import annotations
 
-import shutil
+import re
 import sys
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from unet3d_lightning.architectures import (
+from unet3d_lightning import UNet3D
+from unet3d_lightning.cli import main
+from unet3d_lightning.errors import ConfigurationError
+from unet3d_lightning.module import UNet3DModule
+from unet3d_lightning.networks import (
+    ARCHITECTURE_BUILDERS,
     ARCHITECTURES,
     ResidualBlock,
     SqueezeExcitation,
     UNet,
     build_network,
+    level_channels,
+    parse_layer_order,
     slice_wise,
 )
-from unet3d_lightning.cli import main
-from unet3d_lightning.errors import ConfigurationError
-from unet3d_lightning.model import UNet3D
-from unet3d_lightning.module import UNet3DModule
 
-OLD = Path(__file__).parent / "data" / "unet_checkpoint_v0"
 sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(autouse=True)
 def command_line(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["unet3d"])
+
+
 ORDERS = ["crg", "gcr", "cbl", "ce"]
 
 
@@ -44,6 +46,90 @@ def tiny(architecture, spatial_dims, upsample, layer_order, variant="native"):
                          variant=variant)
 
 
+# ----------------------------------------------------------------------------------------------- the 3D U-Net
+@pytest.mark.parametrize("upsample", ["deconv", "interpolate"])
+@pytest.mark.parametrize("layer_order", ["crg", "gcr", "cbr", "cl", "ecg"])
+@pytest.mark.parametrize("num_levels", [1, 2, 3])
+def test_output_has_input_spatial_size(upsample, layer_order, num_levels):
+    net = UNet3D(2, 3, f_maps=8, num_levels=num_levels, layer_order=layer_order, num_groups=4, upsample=upsample)
+    for shape in [(8, 8, 8), (5, 7, 9), (1, 3, 2), (17, 12, 3)]:
+        out = net(torch.randn(2, 2, *shape))
+        assert out.shape == (2, 3, *shape)
+
+
+def test_four_levels_odd_sizes_and_logits():
+    net = UNet3D(1, 2, f_maps=4, num_levels=4, num_groups=2)
+    out = net(torch.randn(1, 1, 13, 21, 9))
+    assert out.shape == (1, 2, 13, 21, 9)
+    # logits, not probabilities: nothing squashes them into [0, 1] summing to one
+    assert not torch.allclose(out.softmax(1).sum(1), out.sum(1))
+
+
+def test_channels_per_level():
+    assert level_channels(8, 3) == [8, 16, 32]
+    assert level_channels([4, 12, 20]) == [4, 12, 20]
+    net = UNet3D(1, 1, f_maps=[4, 12, 20], num_groups=2)
+    assert [e[1].conv.out_channels for e in net.encoders] == [4, 12, 20]
+    # the first encoder conv goes to half the level's channels, never below the input's (Çiçek et al.)
+    assert net.encoders[0][0].conv.out_channels == 2
+    with pytest.raises(ValueError, match="num_levels"):
+        UNet3D(1, 1, f_maps=[4, 8], num_levels=3)
+
+
+@pytest.mark.parametrize("bad", ["xcr", "cc", "rg", "crr", "clr", "cgb", ""])
+def test_invalid_layer_order_lists_valid_letters(bad):
+    with pytest.raises(ValueError) as info:
+        UNet3D(1, 2, f_maps=8, layer_order=bad)
+    message = str(info.value)
+    assert repr(bad) in message
+    if bad in ("xcr", ""):
+        for letter in "crlegb":
+            assert f"'{letter}'" in message
+
+
+def test_layer_order_builds_that_order():
+    net = UNet3D(1, 2, f_maps=8, num_levels=2, layer_order="gcr", num_groups=4)
+    block = net.encoders[1][0]
+    assert [type(m).__name__ for m in block] == ["GroupNorm", "Conv3d", "ReLU"]
+    # a norm after the conv makes the conv's bias redundant; a norm before it does not
+    assert net.encoders[1][0].conv.bias is not None
+    assert UNet3D(1, 2, f_maps=8, layer_order="crg", num_groups=4).encoders[0][0].conv.bias is None
+    assert parse_layer_order("CBR") == "cbr"
+
+
+def test_group_norm_divisibility_error():
+    with pytest.raises(ValueError, match="num_groups=3"):
+        UNet3D(1, 2, f_maps=8, layer_order="crg", num_groups=3)
+    # a GroupNorm seeing fewer channels than groups (the raw input before the first conv) uses one group
+    net = UNet3D(1, 2, f_maps=8, layer_order="gcr", num_groups=4)
+    assert net.encoders[0][0].groupnorm.num_groups == 1
+
+
+def test_rejects_bad_upsample_and_input_rank():
+    with pytest.raises(ValueError, match="upsample"):
+        UNet3D(1, 2, upsample="bilinear")
+    with pytest.raises(ValueError, match="5D input"):
+        UNet3D(1, 2, f_maps=4, num_levels=2, num_groups=2)(torch.zeros(1, 8, 8, 8))
+
+
+def test_overfits_one_patch_3d_unet():
+    """An honest learning test: the loss on one small patch must fall by at least 90 %."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 12, 12, 12)
+    target = (F.avg_pool3d(x, 3, stride=1, padding=1) > 0).long()[:, 0]
+    net = UNet3D(1, 2, f_maps=8, num_levels=2, num_groups=4)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    first = None
+    for _ in range(150):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(x), target)
+        loss.backward()
+        optimizer.step()
+        first = loss.item() if first is None else first
+    assert loss.item() <= 0.1 * first, (first, loss.item())
+
+
+# ----------------------------------------------------------------------------------------------- architectures
 @pytest.mark.parametrize("layer_order", ORDERS)
 @pytest.mark.parametrize("upsample", ["deconv", "interpolate"])
 @pytest.mark.parametrize("spatial_dims", [3, 2])
@@ -108,10 +194,50 @@ def test_pytorch3dunet_variant_overfits_too(architecture):
 
 
 def test_native_unet_is_the_original_network():
-    # The default architecture is today's class, so old checkpoints' parameter names and numbers are unchanged.
+    # The default architecture is the public UNet3D, so old checkpoints' numbers are unchanged.
     net = build_network("unet", 1, 2, f_maps=4, num_levels=2, num_groups=2)
     assert type(net) is UNet3D
     assert type(build_network("residual_unet", 1, 2, f_maps=4, num_levels=2, num_groups=2)) is UNet
+
+
+@pytest.mark.parametrize("variant", ["native", "pytorch3dunet"])
+@pytest.mark.parametrize("spatial_dims", [3, 2])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_one_class_builds_every_architecture(architecture, spatial_dims, variant):
+    """One U-Net class family: UNet3D is another name of UNet, which every architecture and variant builds."""
+    from unet3d_lightning import architectures, model
+
+    assert UNet3D is UNet and model.UNet3D is UNet and architectures.UNet is UNet
+    net = tiny(architecture, spatial_dims, "deconv", "gcr", variant)
+    assert type(net) is UNet
+    assert (net.spatial_dims, net.variant) == (spatial_dims, variant)
+    assert set(ARCHITECTURE_BUILDERS) == set(ARCHITECTURES) == {"unet", "residual_unet", "residual_se_unet"}
+
+
+@pytest.mark.parametrize("spatial_dims", [3, 2])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_network_holds_only_standard_torch_modules(architecture, spatial_dims):
+    """Every layer that computes (a leaf module) is torch's own class, not a subclass with its own kernel choice."""
+    net = tiny(architecture, spatial_dims, "deconv", "gcr")
+    leaves = [m for m in net.modules() if next(m.children(), None) is None]
+    assert leaves and all(type(m).__module__.startswith("torch.nn.modules.") for m in leaves), \
+        sorted({f"{type(m).__module__}.{type(m).__name__}" for m in leaves})
+    assert any(type(m) is (nn.Conv3d if spatial_dims == 3 else nn.Conv2d) for m in leaves)
+
+
+def test_decoder_upsampling_channels_per_block_and_variant():
+    # Çiçek et al. (native): the transposed convolution keeps the deeper level's 8 channels, concatenated to 4 + 8.
+    native = UNet(1, 2, f_maps=[4, 8], num_groups=2, upsample="deconv", block="double_conv")
+    assert native.decoders[0].up.out_channels == 8 and native.decoders[0].up.bias is not None
+    assert native.decoders[0].block[0].conv.in_channels == 12
+    # pytorch-3dunet's UNet3D: bias-free, to the skip connection's 4 channels, concatenated to 4 + 4.
+    theirs = UNet(1, 2, f_maps=[4, 8], num_groups=2, upsample="deconv", block="double_conv", variant="pytorch3dunet")
+    assert theirs.decoders[0].up.out_channels == 4 and theirs.decoders[0].up.bias is None
+    assert theirs.decoders[0].block[0].conv.in_channels == 8
+    with pytest.raises(ValueError, match="variant 'keras'"):
+        UNet(1, 2, variant="keras")
+    with pytest.raises(ValueError, match="joining 'max'"):
+        UNet(1, 2, joining="max")
 
 
 def test_residual_block_by_hand():
@@ -158,6 +284,49 @@ def test_slice_wise_applies_the_2d_network_to_each_slice():
         torch.testing.assert_close(out[:, :, z], net(x[:, :, z]))
 
 
+# ----------------------------------------------------------------------------------------------- parameter names
+def _old_names(state_dict, prefix=""):
+    """The names the double-convolution U-Net of earlier versions gave its parameters: decoder blocks ``conv``."""
+    pattern = re.compile(rf"^{re.escape(prefix)}decoders\.(\d+)\.block\.")
+    return {pattern.sub(rf"{prefix}decoders.\1.conv.", key): value for key, value in state_dict.items()}
+
+
+def test_old_parameter_names_load_strictly():
+    torch.manual_seed(0)
+    old = UNet3D(1, 2, f_maps=4, num_levels=3, layer_order="gcr", num_groups=2)
+    for parameter in old.parameters():
+        parameter.data.normal_()
+    state = _old_names(old.state_dict())
+    assert "decoders.0.conv.0.conv.weight" in state and "decoders.0.up.weight" in state
+    assert not any(".block." in key for key in state)
+    new = UNet3D(1, 2, f_maps=4, num_levels=3, layer_order="gcr", num_groups=2)
+    new.load_state_dict(state)  # strict
+    x = torch.randn(1, 1, 6, 9, 7)
+    with torch.no_grad():
+        assert torch.equal(new.eval()(x), old.eval()(x))
+    assert "decoders.0.conv.0.conv.weight" in state  # the caller's dict is left as it was
+
+    # Inside the module (prefix "net."), as Lightning loads a checkpoint.
+    module = UNet3DModule(f_maps=4, num_levels=3, layer_order="gcr", num_groups=2)
+    module_state = _old_names(module.state_dict(), prefix="net.")
+    assert "net.decoders.1.conv.1.conv.weight" in module_state
+    module.load_state_dict(module_state)
+    # Today's names load as they are; the importer's output (pytorch-3dunet's weights) uses them too.
+    new.load_state_dict(old.state_dict())
+
+
+def test_resumed_optimizer_state_keeps_its_parameters():
+    """Optimizer state is saved by parameter position: the unified network registers its parameters in the order the
+    old double-convolution U-Net did (encoders, then each decoder's up-convolution and block, then the last conv)."""
+    net = UNet3D(1, 2, f_maps=4, num_levels=3, num_groups=2)
+    names = [name for name, _ in net.named_parameters()]
+    decoder_0 = [n for n in names if n.startswith("decoders.0.")]
+    assert decoder_0[:2] == ["decoders.0.up.weight", "decoders.0.up.bias"]
+    assert names[0].startswith("encoders.0.") and names[-1] == "final_conv.bias"
+    assert names.index("encoders.2.1.conv.weight") < names.index("decoders.0.up.weight")
+
+
+# ----------------------------------------------------------------------------------------------- through the module
 def test_module_errors_are_one_line():
     with pytest.raises(ConfigurationError, match="spatial_dims 4"):
         UNet3DModule(spatial_dims=4)  # type: ignore[arg-type]
@@ -172,6 +341,7 @@ def test_module_saves_architecture_and_rebuilds_it(tmp_path):
                 "pytorch-lightning_version": "2.6.0"}, tmp_path / "m.ckpt")
     loaded = UNet3DModule.load_from_checkpoint(tmp_path / "m.ckpt", map_location="cpu").eval()
     assert isinstance(loaded.net, UNet) and loaded.net.spatial_dims == 2
+    assert loaded.net.block == "residual_se"
     x = torch.randn(1, 1, 1, 10, 9)
     torch.testing.assert_close(loaded(x), module.eval()(x))
 
@@ -199,25 +369,6 @@ def test_single_mask_model_trains(tmp_path, monkeypatch):
           "--trainer.max_epochs", "1", "--trainer.logger", "false", "--checkpoint.dirpath", "ckpt",
           "--trainer.enable_progress_bar", "false"])
     assert (tmp_path / "ckpt" / "best.ckpt").is_file()
-
-
-# ----------------------------------------------------------------------------------------------- old checkpoints
-def test_checkpoint_from_before_architectures_loads_and_predicts_the_same(tmp_path, monkeypatch):
-    checkpoint = torch.load(OLD / "model.ckpt", map_location="cpu", weights_only=True)
-    assert "architecture" not in checkpoint["hyper_parameters"]
-    assert "spatial_dims" not in checkpoint["hyper_parameters"]
-    model = UNet3DModule.load_from_checkpoint(OLD / "model.ckpt", map_location="cpu")
-    assert type(model.net) is UNet3D and model.hparams.architecture == "unet"
-
-    for name in ("model.ckpt", "volume.h5"):
-        shutil.copy(OLD / name, tmp_path / name)
-    monkeypatch.chdir(tmp_path)
-    main(args=["predict", "--ckpt_path", "model.ckpt", "--data.predict_paths", "[volume.h5]",
-               "--data.predict_patch_shape", "[8,12,12]", "--data.num_workers", "0",
-               "--prediction.output_dir", "pred", "--trainer.enable_progress_bar", "false"])
-    with h5py.File(tmp_path / "pred" / "volume_predictions.h5", "r") as now, \
-            h5py.File(OLD / "expected_predictions.h5", "r") as before:
-        np.testing.assert_allclose(now["predictions"][()], before["predictions"][()], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("config, architecture, spatial_dims", [
