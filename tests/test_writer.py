@@ -341,8 +341,10 @@ class FailingModule(UNet3DModule):
 
 
 def previous_output(path):
+    """An earlier output of the writer (a 'predictions' dataset with its 'scale'), marked to tell it apart."""
     with h5py.File(path, "w") as f:
         f["predictions"] = np.full((1, 2, 2, 2), 7.0, np.float32)
+        f["predictions"].attrs["scale"] = 1.0
         f.attrs["marker"] = "previous"
     return path.read_bytes()
 

@@ -93,6 +93,78 @@ class ValidationImages(Callback):
         self._validations = state_dict.get("validations", 0)
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with ``last.ckpt`` always the run's latest state.
+
+    Lightning (2.6) writes ``last.ckpt`` only when it saves a top-k checkpoint at the same step: with one best
+    checkpoint kept, ``last.ckpt`` stays at the best epoch, and a run resumed from it would repeat every epoch since.
+    Here it is written at every checkpointing point (each validation, or each training epoch's end when the run does
+    not validate) and when training ends. ``fast_dev_run`` writes no checkpoint at all, as Lightning means it to
+    (its end-of-training save would otherwise leave a ``last.ckpt``, then ``last-v1.ckpt``... one more each run).
+    The state is stored under ModelCheckpoint's key, so a checkpoint of either class resumes with the other.
+
+    A checkpoint written at a training epoch's end (the run does not validate) records that epoch as finished, so
+    that the resumed run starts the next one (see :func:`record_epoch_finished`).
+    """
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._keep_last_current(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._keep_last_current(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            return
+        super().on_train_end(trainer, pl_module)
+        # Training that ends between checkpointing points (max_steps or max_time in the middle of an epoch) keeps
+        # its last steps too.
+        self._keep_last_current(trainer)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        record_epoch_finished(checkpoint)
+
+    def _keep_last_current(self, trainer: pl.Trainer) -> None:
+        # save_last="link" links last.ckpt to the newest top-k file by design: left as Lightning does it.
+        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def record_epoch_finished(checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint written during a training epoch's end hooks resume with the next epoch.
+
+    There Lightning has counted the epoch as processed but not yet as completed. A run with ``max_steps`` (always
+    the case with ``unet3d``) resumes such a state as "restarted at the epoch's end" and, as no validation ran,
+    trains one more batch in the finished epoch before it moves on: the resumed run is off by a batch and an epoch
+    from the run it continues. Recorded as completed, with no batch of the next epoch done yet, it resumes as a run
+    that was never stopped continues.
+    """
+    loop = (checkpoint.get("loops") or {}).get("fit_loop")
+    if not isinstance(loop, dict):
+        return
+    epochs = loop.get("epoch_progress") or {}
+    total, current = epochs.get("total") or {}, epochs.get("current") or {}
+    if not total or total.get("processed") != total.get("completed", 0) + 1:
+        return
+    for counts in (total, current):
+        if "processed" in counts:
+            counts["completed"] = counts["processed"]
+    batches = loop.get("epoch_loop.batch_progress") or {}
+    if isinstance(batches.get("current"), dict):
+        batches["current"] = {k: 0 for k in batches["current"]}
+        batches["is_last_batch"] = False
+
+
 class FitSummary(Callback):
     """At the end of ``fit``, print where the best and last checkpoints and the logs went, with the wall time."""
 
@@ -107,11 +179,15 @@ class FitSummary(Callback):
         lines = [f"fit finished: {trainer.global_step} steps, {trainer.current_epoch} epochs, "
                  f"{_duration(time.perf_counter() - self._start)}"]
         checkpoint = trainer.checkpoint_callback
-        if isinstance(checkpoint, ModelCheckpoint):
+        if trainer.fast_dev_run:
+            lines.append("  checkpoints:     none (fast_dev_run saves none)")
+        elif isinstance(checkpoint, ModelCheckpoint):
             if checkpoint.best_model_path:
                 score = checkpoint.best_model_score
                 value = f" ({checkpoint.monitor} = {score.item():.4f})" if score is not None else ""
                 lines.append(f"  best checkpoint: {checkpoint.best_model_path}{value}")
+            elif checkpoint.monitor is not None and checkpoint.save_top_k != 0:
+                lines.append(f"  best checkpoint: none ({checkpoint.monitor} was never logged)")
             if checkpoint.last_model_path:
                 lines.append(f"  last checkpoint: {checkpoint.last_model_path}")
         # logger.log_dir, not trainer.log_dir: the latter is a collective (broadcast) and this runs on rank 0 only.

@@ -1,39 +1,50 @@
 """The ``unet3d`` command: a LightningCLI with the project's defaults.
 
 ``unet3d fit|validate|test|predict --config CONFIG.yaml [--section.key value ...]``; ``--print_config`` prints a
-complete configuration that ``--config`` accepts back. Mistakes the command can see (bad paths, unwritable output
+complete configuration that ``--config`` accepts back (for a run from a checkpoint, with the checkpoint's model
+settings and normalisation, as the run uses them). Mistakes the command can see (bad paths, unwritable output
 directory, data that does not fit the model) end with one ``error:`` line and exit status 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import inspect
 import logging
 import os
 import pickle
 import random
 import re
 import sys
+import typing
 import warnings
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .callbacks import FitSummary, ProgressBar, SameRunResume, ValidationImages
-from .data.datamodule import HDF5DataModule
+from .callbacks import FitSummary, ProgressBar, RunCheckpoint, SameRunResume, ValidationImages
+from .data.datamodule import HDF5DataModule, Normalization
 from .data.volumes import resolve_paths
 from .errors import ConfigurationError, nearest_existing, one_line
 from .module import UNet3DModule, metric_mode
 from .prediction.writer import PredictionWriter, check_output_dir
-from .signals import GracefulShutdown, Interrupted, exit_status
+from .signals import GracefulShutdown, Interrupted, exit_status, tell
+
+try:
+    from jsonargparse._actions import _ActionPrintConfig
+except ImportError:  # pragma: no cover - another jsonargparse: --print_config prints the config as parsed
+    _ActionPrintConfig = None
 
 # Model settings that change how fast the network runs, not what it computes: the checkpoint records them, but each
 # run takes them from its own config and command line (a GPU-trained, compiled model predicts uncompiled on a CPU).
@@ -78,6 +89,11 @@ def run_dir_of_checkpoint(ckpt_path: str | Path) -> Path | None:
     return None
 
 
+# Model settings that fix the shape of the weights (a different value cannot load them).
+_ARCHITECTURE = ("in_channels", "out_channels", "f_maps", "num_levels", "layer_order", "num_groups", "upsample")
+# ...and those that choose the network the weights belong to.
+_NETWORK_SETTINGS = (*_ARCHITECTURE, "architecture", "spatial_dims", "variant")
+
 IMPORT_COMMAND = "unet3d import-pytorch3dunet --model_path {path} --config train_config.yml --output model.ckpt"
 
 
@@ -90,6 +106,7 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
         raise ConfigurationError(f"ckpt_path {ckpt_path}: file does not exist")
     if not path.is_file():
         raise ConfigurationError(f"ckpt_path {ckpt_path}: is a directory; give a checkpoint file (e.g. last.ckpt)")
+    _check_complete(path, ckpt_path)
     try:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -136,7 +153,75 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
             f"ckpt_path {ckpt_path}: not a unet3d checkpoint (no '{missing}'; it has {sorted(checkpoint)[:6]}); "
             "give a .ckpt written by unet3d fit"
         )
+    for key in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters"):
+        value = checkpoint.get(key)
+        if key in checkpoint and value is not None and not isinstance(value, Mapping):
+            raise ConfigurationError(
+                f"ckpt_path {ckpt_path}: {key} is a {type(value).__name__}, not a mapping of "
+                f"{'weights' if key == 'state_dict' else 'settings'}; the file was edited or is damaged: give a "
+                ".ckpt as unet3d fit wrote it"
+            )
     return checkpoint
+
+
+# The first bytes of a file torch.save writes (a zip archive; the legacy pickle format has no index to lose).
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _check_complete(path: Path, ckpt_path: str | Path) -> None:
+    """A checkpoint cut short (a copy or a save that did not finish, a full disk) names itself as such: torch would
+    report a bad zip archive, or the operating system's "Invalid argument" of mapping a file too short."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(len(_ZIP_MAGIC))
+    except OSError as err:
+        raise ConfigurationError(f"ckpt_path {ckpt_path}: cannot be read ({err.strerror or err})") from None
+    # A zip archive ends with its directory of entries: a file that starts as one but lacks it was cut short.
+    if head == _ZIP_MAGIC and not zipfile.is_zipfile(path):
+        raise ConfigurationError(
+            f"ckpt_path {ckpt_path}: truncated, not a complete checkpoint ({path.stat().st_size} bytes, the end of "
+            "the archive is missing): the copy or save that wrote it did not finish; copy it again, or use another "
+            "checkpoint of the run"
+        )
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, the shape "
+    r"in current model is torch\.Size\(\[([\d, ]*)\]\)"
+)
+
+
+def load_checkpoint_weights(ckpt_path: str | Path, model: torch.nn.Module) -> None:
+    """Load the checkpoint's weights into ``model``, built from its hyper_parameters; weights that do not fit (an
+    edited or mixed-up file) are a ConfigurationError naming the setting, raised before any volume is read."""
+    try:
+        # mmap: the tensors are paged in as load_state_dict copies them, not read into a second full copy.
+        model.load_state_dict(read_checkpoint(ckpt_path)["state_dict"])
+    except RuntimeError as err:
+        raise ConfigurationError(
+            f"ckpt_path {ckpt_path}: hyper_parameters {_weights_problem(str(err), model)}; the file was edited or is "
+            "damaged: give a .ckpt as unet3d fit wrote it"
+        ) from None
+
+
+def _weights_problem(message: str, model: torch.nn.Module) -> str:
+    """What torch's load_state_dict error ``message`` means in the model's settings."""
+    hparams = getattr(model, "hparams", {})
+    kernels = [k for k, v in model.state_dict().items() if v.dim() >= 3]  # convolution weights: (out, in, *kernel)
+    for key, theirs, ours in _SIZE_MISMATCH.findall(message):
+        file_shape, model_shape = ([int(n) for n in shape.split(",") if n.strip()] for shape in (theirs, ours))
+        if not kernels or len(file_shape) < 3 or len(file_shape) != len(model_shape):
+            continue
+        if key == kernels[-1] and file_shape[0] != model_shape[0]:
+            return f"out_channels={hparams.get('out_channels')} but its weights have {file_shape[0]} output channels"
+        if key == kernels[0] and file_shape[1] != model_shape[1]:
+            return f"in_channels={hparams.get('in_channels')} but its weights take {file_shape[1]} input channels"
+    settings = ", ".join(f"{k}={hparams.get(k)!r}" for k in _NETWORK_SETTINGS if k in hparams)
+    problems = [line.strip() for line in message.splitlines()[1:] if line.strip()]
+    detail = problems[0] if problems else message
+    if len(detail) > 200:
+        detail = detail[:200] + "..."
+    return f"({settings}) make a network its weights do not fit: {detail}"
 
 
 def _run_dir_recorded_in(ckpt_path: str | Path) -> Path | None:
@@ -185,9 +270,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML loader that rejects a key given twice in one mapping (PyYAML keeps the last and drops the first)."""
 
 
-def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> None:
+    """Raise on a key written twice in ``node``. Keys brought in by a merge key (``<<: *defaults``) are not written
+    in the mapping: an explicit key overrides them, as YAML's merge rules say; the merged mappings are checked on
+    their own."""
     seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE_TAG:
+            merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for mapping in merged:
+                if isinstance(mapping, yaml.MappingNode):
+                    _check_unique_keys(loader, mapping)
+            continue
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
         if key in seen:
@@ -195,6 +292,10 @@ def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, d
                 None, None, f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one", key_node.start_mark
             )
         seen[key] = line
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    _check_unique_keys(loader, node)
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 
@@ -258,6 +359,43 @@ def _use_unique_key_yaml() -> None:
     set_loader("yaml", _unique_key_yaml_load, exceptions=(yaml.YAMLError,))
 
 
+# Settings that name files or directories: environment variables and ~ in them are expanded (see
+# UNet3DCLI._expand_path_settings).
+_PATH_SETTINGS = (
+    "trainer.default_root_dir", "ckpt_path", "data.train_paths", "data.val_paths", "data.test_paths",
+    "data.predict_paths", "data.label_paths", "prediction.output_dir", "checkpoint.dirpath",
+)
+# Python's os.path.expandvars rule for a variable: $name or ${name}.
+_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})", re.ASCII)
+
+
+def expand_path_setting(value: Any, key: str) -> Any:
+    """``value`` (a path, a list of paths, or a mapping of them such as ``data.label_paths``) with ``$VAR``,
+    ``${VAR}`` and a leading ``~`` expanded; an unset variable raises a ConfigurationError naming ``key``."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(expand_path_setting(v, key) for v in value)
+    if isinstance(value, Mapping):
+        return {k: expand_path_setting(v, f"{key}.{k}") for k, v in value.items()}
+    if not isinstance(value, (str, os.PathLike)):
+        return value
+    text = os.fspath(value)
+    for match in _VARIABLE.finditer(text):
+        name = match.group(1).strip("{}")
+        if name and name not in os.environ:
+            raise ConfigurationError(
+                f"{key} {text!r}: the environment variable {name} is not set; set it (export {name}=...) or write "
+                "the path out"
+            )
+    expanded = os.path.expanduser(os.path.expandvars(text))
+    return expanded if isinstance(value, str) else type(value)(expanded)
+
+
+def _print_config_deferred() -> Any:
+    """A context in which ``--print_config`` is recorded by the parser but not acted on: jsonargparse would print
+    the config as parsed, and exit, before the command completes it."""
+    return _ActionPrintConfig.skip_print_config() if _ActionPrintConfig is not None else contextlib.nullcontext()
+
+
 class ArgumentParser(LightningArgumentParser):
     """Lightning's parser with a one-line usage on errors: the full usage of every key (hundreds of lines) would
     bury the ``error:`` line that says what is wrong; ``--help`` still lists everything. The error itself is put
@@ -269,10 +407,6 @@ class ArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None) -> Any:
         return super().error(one_line(message), ex)
-
-
-# Model settings that fix the shape of the weights (a different value cannot load them).
-_ARCHITECTURE = ("in_channels", "out_channels", "f_maps", "num_levels", "layer_order", "num_groups", "upsample")
 
 
 class UNet3DCLI(LightningCLI):
@@ -288,6 +422,9 @@ class UNet3DCLI(LightningCLI):
         self.shutdown = shutdown if shutdown is not None else GracefulShutdown()
         self.given: Any = None
         self._undirected: list[str] = []  # monitors whose mode could not be read from the name
+        self._no_validation: str | None = None  # why fit does not validate (None: it does)
+        self._early_stopping_off = False
+        self._weights_loaded: str | None = None  # the checkpoint whose weights the model holds
         requested = kwargs.get("args")
         requested = sys.argv[1:] if requested is None else requested
         everything = LightningCLI.subcommands()
@@ -299,7 +436,7 @@ class UNet3DCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -326,14 +463,53 @@ class UNet3DCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "prediction")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
-        # The same arguments without defaults: the keys the user set (on the command line or in a config file),
-        # whatever their value. Settings the checkpoint would otherwise supply are kept or compared by it.
-        if not isinstance(args, (dict, type(self.config))):
-            try:
-                self.given = parser.parse_args(args, defaults=False, _skip_validation=True)
-            except (SystemExit, Exception):  # noqa: BLE001 - the full parse succeeded; without this, no comparison
-                self.given = None
+        # --print_config waits until the settings are complete: a run from a checkpoint takes its model and
+        # normalisation from there, and the printed config is to be what the run uses.
+        with _print_config_deferred():
+            super().parse_arguments(parser, args)
+            # The same arguments without defaults: the keys the user set (on the command line or in a config file),
+            # whatever their value. Settings the checkpoint would otherwise supply are kept or compared by it.
+            if not isinstance(args, (dict, type(self.config))):
+                try:
+                    self.given = parser.parse_args(args, defaults=False, _skip_validation=True)
+                except (SystemExit, Exception):  # noqa: BLE001 - the full parse succeeded; without this, no comparison
+                    self.given = None
+        self._expand_path_settings()
+        if _ActionPrintConfig is not None and _ActionPrintConfig.is_print_config_requested(parser):
+            self._print_config(parser)
+
+    def _print_config(self, parser: LightningArgumentParser) -> None:
+        """Print the config (then exit), with what a checkpoint supplies: its model settings and, for validate,
+        test and predict, its normalisation. Fed back with ``--config``, it runs as the command that printed it."""
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path:
+            with _print_config_deferred():  # parsing the checkpoint's settings would print too
+                self._parse_ckpt_path()
+                if sub != "fit":
+                    self._data_settings_from_checkpoint(ckpt_path, self.config[sub])
+        _ActionPrintConfig.print_config_if_requested(parser, self.config)
+
+    def _expand_path_settings(self) -> None:
+        """Expand ``$VAR``, ``${VAR}`` and ``~`` in every path setting, once, before anything reads them.
+
+        Lightning expands variables in a logger's ``log_dir`` but not where ModelCheckpoint puts its files, so
+        logs and checkpoints of ``default_root_dir: ${RUNS}/x`` would part ways; expanded here, every part of the
+        run sees one path. An unset variable is an error naming the key.
+        """
+        sub = self.config.get("subcommand")
+        if sub is None:
+            return
+        config = self.config[sub]
+        for key in _PATH_SETTINGS:
+            value = config.get(key)
+            if value is not None:
+                config[key] = expand_path_setting(value, key)
+        loggers = config.get("trainer.logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and isinstance(init_args.get("save_dir"), str):
+                init_args["save_dir"] = expand_path_setting(init_args["save_dir"], "trainer.logger.init_args.save_dir")
 
     def _given(self, key: str) -> Any:
         """The value the user set for ``<subcommand>.<key>``, or ``...`` when it was not set."""
@@ -355,20 +531,42 @@ class UNet3DCLI(LightningCLI):
         checkpoint = read_checkpoint(ckpt_path)
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
+        self._check_foreign_settings(ckpt_path, hparams)
         self._check_model_flags(ckpt_path, hparams, sub)
         self._checkpoint_data = checkpoint.get("datamodule_hyper_parameters") or {}
         if not hparams:
             return
         model_config = self.config[sub].get("model")
         run_settings = {k: model_config.get(k) for k in _MODEL_RUN_SETTINGS} if model_config is not None else {}
+        exit_on_error, self.parser.exit_on_error = self.parser.exit_on_error, False
         try:
             self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
-        except SystemExit:
-            sys.stderr.write(f"(while reading the model settings of ckpt_path {ckpt_path})\n")
-            raise
+        except ArgumentError as err:
+            raise ConfigurationError(
+                f"ckpt_path {ckpt_path}: its hyper_parameters do not make a model ({err}); the file was edited or is "
+                "damaged: give a .ckpt as unet3d fit wrote it"
+            ) from None
+        finally:
+            self.parser.exit_on_error = exit_on_error
         # The checkpoint records how it was trained, but how this run executes the network is this run's choice.
         for key, value in run_settings.items():
             self.config[sub].model[key] = value
+
+    def _check_foreign_settings(self, ckpt_path: str, hparams: dict[str, Any]) -> None:
+        """A checkpoint of another LightningModule (a Lightning checkpoint, but not of this model) is named as such,
+        with the settings it holds that this model does not have."""
+        model_class = self.model_class if isinstance(self.model_class, type) else UNet3DModule
+        accepted = set(inspect.signature(model_class.__init__).parameters) - {"self", "args", "kwargs"}
+        written_by = hparams.get("_class_path")
+        foreign = sorted(str(k) for k in hparams if k not in accepted and k != "_class_path")
+        if foreign or (written_by and str(written_by).rsplit(".", 1)[-1] != model_class.__name__):
+            by = f" ({written_by})" if written_by else ""
+            names = ", ".join(foreign[:8]) + (", ..." if len(foreign) > 8 else "")
+            keys = f"; its hyper_parameters hold {names}, which {model_class.__name__} does not have" if foreign else ""
+            raise ConfigurationError(
+                f"ckpt_path {ckpt_path}: written by another model or program{by}, not by unet3d fit{keys}; give a "
+                ".ckpt written by unet3d fit"
+            )
 
     def _check_model_flags(self, ckpt_path: str, hparams: dict[str, Any], sub: str) -> None:
         given = self._given("model")
@@ -396,6 +594,14 @@ class UNet3DCLI(LightningCLI):
         # the PredictionWriter streams it to disk instead.
         if "predict" in self._subcommand_parsers:
             self._subcommand_parsers["predict"].set_defaults(return_predictions=False)
+        if len(self._subcommand_parsers) > 1:
+            # All subcommands are listed (--help, or a mistyped one): include the one main() runs itself.
+            subcommands = getattr(parser, "_subcommands_action", None)
+            if subcommands is not None:
+                description = "Convert a model trained with pytorch-3dunet into a unet3d checkpoint."
+                subcommands.add_subcommand(
+                    "import-pytorch3dunet", ArgumentParser(description=description), help=description
+                )
 
     def before_instantiate_classes(self) -> None:
         """Fail fast, before any model, data or checkpoint is loaded, on mistakes visible in the config."""
@@ -406,6 +612,8 @@ class UNet3DCLI(LightningCLI):
         config = self.config[sub]
         ckpt_path = config.get("ckpt_path")
         check_accelerator(config.trainer.get("accelerator"))
+        if sub == "fit":
+            self._adapt_to_no_validation(config)
         self._resolve_modes(config)
         if sub == "fit":
             check_root_dir(config.trainer.get("default_root_dir") or ".")
@@ -432,6 +640,32 @@ class UNet3DCLI(LightningCLI):
         check_output_dir(config.prediction.output_dir, volumes, create=False, other_inputs=[ckpt_path],
                          format=config.prediction.get("format", "hdf5"))
         self._data_settings_from_checkpoint(ckpt_path, config)
+
+    def _adapt_to_no_validation(self, config: Any) -> None:
+        """Fit without validation (no ``data.val_paths``, or ``trainer.limit_val_batches 0``): the defaults built
+        on validation metrics follow. ``best.ckpt`` is chosen by ``train/loss_epoch``, at each training epoch's end
+        (``last.ckpt`` too), and early stopping is off; monitors the user set are kept, and checked as always."""
+        self._no_validation = _why_no_validation(config)
+        if self._no_validation is None:
+            return
+        changed = []
+        if self._given("checkpoint.monitor") is ...:
+            config.checkpoint.monitor = "train/loss_epoch"
+            if self._given("checkpoint.mode") is ...:
+                config.checkpoint.mode = None  # from the new monitor's name
+            changed.append("best.ckpt is chosen by train/loss_epoch")
+        if self._given("checkpoint.save_on_train_epoch_end") is ...:
+            config.checkpoint.save_on_train_epoch_end = True
+        if self._given("early_stopping.monitor") is ...:
+            self._early_stopping_off = True
+            changed.append("early stopping is off")
+        elif self._given("early_stopping.check_on_train_epoch_end") is ...:
+            config.early_stopping.check_on_train_epoch_end = True
+        if config.model.get("lr_scheduler") is not None and self._given("model.lr_scheduler_monitor") is ...:
+            config.model.lr_scheduler_monitor = "train/loss_epoch"
+            changed.append("model.lr_scheduler_monitor is train/loss_epoch")
+        if changed:
+            _note(f"note: no validation ({self._no_validation}): {', '.join(changed)}")
 
     def _resume_requeued_slurm_job(self, config: Any) -> None:
         """A SLURM job requeued by Lightning (``SLURMEnvironment`` with ``auto_requeue``, on its requeue signal) runs
@@ -490,6 +724,7 @@ class UNet3DCLI(LightningCLI):
         for key in _DATA_FROM_CHECKPOINT:
             if key not in trained or self._given(f"data.{key}") is not ...:
                 continue
+            _check_trained_data_setting(ckpt_path, key, trained[key])
             if not _same(config.data.get(key), trained[key]):
                 config.data[key] = trained[key]
                 print(f"using data.{key}={trained[key]!r} from the checkpoint", file=sys.stderr)
@@ -503,8 +738,9 @@ class UNet3DCLI(LightningCLI):
 
     def _check_monitors(self) -> None:
         """Every monitored metric must be one the model logs: a typo otherwise fails only after the first epoch."""
-        validation = self.trainer.limit_val_batches != 0
-        logged = self.model.logged_metric_names(validation=validation)
+        without = self._no_validation or (
+            "trainer.limit_val_batches is 0" if self.trainer.limit_val_batches == 0 else None)
+        logged = self.model.logged_metric_names(validation=without is None)
         monitors = [(f"{name}.monitor", getattr(c, "monitor", None)) for name, c in (
             ("checkpoint", self.trainer.checkpoint_callback), ("early_stopping", self.trainer.early_stopping_callback))
         ]
@@ -521,24 +757,57 @@ class UNet3DCLI(LightningCLI):
                         f"--{section}.mode max or min"
                     )
                 continue
+            if without is not None and monitor in self.model.logged_metric_names(validation=True):
+                raise ConfigurationError(
+                    f"{key} {monitor!r} is not a metric this model logs without validation ({without}); choose one "
+                    f"of {', '.join(logged)}, or give validation volumes"
+                )
             close = difflib.get_close_matches(monitor, logged, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
             raise ConfigurationError(
                 f"{key} {monitor!r} is not a metric this model logs; {hint}choose one of {', '.join(logged)}"
             )
 
+    def _check_weights(self) -> None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path:
+            # For fit, the Trainer loads them again, with the rest of the training state.
+            load_checkpoint_weights(ckpt_path, self.model)
+            self._weights_loaded = ckpt_path
+
     def before_fit(self) -> None:
+        self._check_weights()
         self._check_inputs("fit")
         self._check_monitors()
+        self._check_patches_per_device()
 
     def before_validate(self) -> None:
+        self._check_weights()
         self._check_inputs("validate")
 
     def before_test(self) -> None:
+        self._check_weights()
         self._check_inputs("test")
 
     def before_predict(self) -> None:
+        self._check_weights()
         self._check_inputs("predict")
+
+    def _check_patches_per_device(self) -> None:
+        """Every device needs a training patch. Checked here, before the Trainer starts the other processes and
+        creates the run directory: inside the run each process would report it, and the directory would stay."""
+        world = self.trainer.world_size
+        if world <= 1:
+            return
+        data = self.datamodule
+        patch, stride = data._shapes("train")
+        # Before filtering by foreground (data.min_foreground_fraction), which the run checks again once it has
+        # filtered: this count is the most there can be.
+        count = sum(len(data._grid(v, v.spatial_shape, patch, stride, "train")) for v in data.volumes["train"])
+        if count < world:
+            raise ConfigurationError(
+                f"only {count} training patches for {world} devices; use smaller strides or fewer devices"
+            )
 
     def _run_evaluation(self, method: str, model: Any, ckpt_path: str | None = None, **kwargs: Any) -> Any:
         """validate / test / predict: load the checkpoint's weights into the model built from its hyperparameters.
@@ -547,8 +816,8 @@ class UNet3DCLI(LightningCLI):
         early stopping), which these runs do not have; only the weights matter here.
         """
         if ckpt_path:
-            # mmap: the tensors are paged in as load_state_dict copies them, not read into a second full copy.
-            model.load_state_dict(read_checkpoint(ckpt_path)["state_dict"])
+            if self._weights_loaded != ckpt_path or model is not self.model:
+                load_checkpoint_weights(ckpt_path, model)
             print(f"loaded weights from {ckpt_path}", file=sys.stderr)
         return getattr(self.trainer, method)(model, **kwargs)
 
@@ -595,6 +864,8 @@ class UNet3DCLI(LightningCLI):
                     "logger", TensorBoardLogger(save_dir=str(resumed.parent.parent), name=resumed.parent.name,
                                                 version=resumed.name)
                 )
+            if self._no_validation == _NO_VAL_PATHS:
+                kwargs["limit_val_batches"] = 0  # nothing to validate on: no sanity check, no empty loader
         if self.subcommand == "predict":
             kwargs.setdefault("logger", False)  # prediction logs nothing; a logger would only leave empty run dirs
         if trainer_config.get("benchmark") is None and not trainer_config.get("deterministic"):
@@ -609,7 +880,30 @@ class UNet3DCLI(LightningCLI):
         if self.subcommand != "fit":
             # Checkpointing and early stopping belong to training; in predict they would only restore stale state.
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (ModelCheckpoint, EarlyStopping))]
+        elif self._early_stopping_off:
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, EarlyStopping)]
         return trainer
+
+
+_NO_VAL_PATHS = "data.val_paths is empty"
+
+
+def _why_no_validation(config: Any) -> str | None:
+    """Why ``fit`` with ``config`` runs no validation, or None when it validates."""
+    if not config.data.get("val_paths"):
+        return _NO_VAL_PATHS
+    limit = config.trainer.get("limit_val_batches")
+    if limit is not None and not isinstance(limit, bool) and float(limit) == 0:
+        return "trainer.limit_val_batches is 0"
+    return None
+
+
+def _note(message: str) -> None:
+    """A line on stderr, from the first process only (under DDP every process runs the command)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(message, file=sys.stderr)
 
 
 def _plain(value: Any) -> Any:
@@ -635,6 +929,27 @@ def _same_setting(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return float(a) == float(b)
     return a == b
+
+
+def _check_trained_data_setting(ckpt_path: str, key: str, value: Any) -> None:
+    """The normalisation a checkpoint records must be one this version can apply."""
+    if key == "normalization":
+        valid = typing.get_args(Normalization)
+        good = isinstance(value, str) and value in valid
+        expected = f"one of {', '.join(valid)}"
+    else:
+        good = (
+            isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            and 0 <= value[0] < value[1] <= 100
+        )
+        expected = "two numbers low < high in [0, 100]"
+    if not good:
+        raise ConfigurationError(
+            f"ckpt_path {ckpt_path}: its datamodule_hyper_parameters {key} {value!r} is not {expected}; the file was "
+            f"edited or is damaged: give the {key} the model was trained with, e.g. --data.{key} "
+            f"{'standardize' if key == 'normalization' else '[1.0, 99.0]'}"
+        )
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -678,7 +993,8 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of ``unet3d``; ``args`` replaces ``sys.argv[1:]`` (for tests and scripts).
 
     Exit status: 0 when the run completes; 2 for a configuration or input mistake (one ``error:`` line); 143 / 130
-    when stopped by SIGTERM / SIGINT (see :mod:`unet3d_lightning.signals`); 1 with a traceback for internal errors.
+    / 129 / 138 when stopped by SIGTERM / SIGINT / SIGHUP / SIGUSR1 (SIGUSR1 outside SLURM; see
+    :mod:`unet3d_lightning.signals`); 1 with a traceback for internal errors.
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "import-pytorch3dunet":
@@ -724,7 +1040,7 @@ def main(args: list[str] | None = None) -> None:
     except (SIGTERMException, Interrupted) as stop:
         signum = shutdown.signum or getattr(stop, "signum", None) or 15
         lines = shutdown.report or [f"stopped by {signal_name(signum)} before any work was saved"]
-        print("\n".join(lines), file=sys.stderr, flush=True)
+        tell("\n".join(lines))
         raise SystemExit(exit_status(signum)) from None
     finally:
         shutdown.uninstall()

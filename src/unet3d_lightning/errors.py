@@ -27,6 +27,11 @@ def nearest_existing(path: Path) -> Path:
     """``path`` itself if it exists, else its nearest existing parent: what decides whether a directory that is
     still to be created can be (a file there, or no write permission, makes the error message)."""
     existing = path
-    while not existing.exists() and existing != existing.parent:
+    while existing != existing.parent:
+        try:
+            if existing.exists():
+                break
+        except OSError:  # ENAMETOOLONG and the like: a name that cannot be looked up cannot exist
+            pass
         existing = existing.parent
     return existing

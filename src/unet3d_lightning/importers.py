@@ -3,7 +3,7 @@
 Usage::
 
     unet3d import-pytorch3dunet --model_path best_checkpoint.pytorch --config train_config.yml --output model.ckpt
-    unet3d predict --ckpt_path model.ckpt --data.predict_paths vol.h5 --data.predict_patch_shape [80,160,160]
+    unet3d predict --ckpt_path model.ckpt --data.predict_paths '[vol.h5]' --data.predict_patch_shape '[80,160,160]'
 
 The ``model`` section of pytorch-3dunet's training config says which network was trained; its checkpoint holds the
 weights under ``model_state_dict`` (as its trainer saves them; a bare state dict and ``module.`` prefixes from
@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import re
+import secrets
+import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +111,14 @@ def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[
                 f"{source}: model.{key}={value!r} is not supported; only pytorch-3dunet's default {default} is"
             )
     for key in ("in_channels", "out_channels"):
-        if not isinstance(model.get(key), int) or model[key] < 1:
-            raise ConfigurationError(f"{source}: model.{key} must be a positive integer, got {model.get(key)!r}")
+        _positive_int(model.get(key), key, source)
+    for key in ("is_segmentation", "final_sigmoid"):
+        if not isinstance(model.get(key, True), bool):
+            raise ConfigurationError(f"{source}: model.{key} must be true or false, got {model[key]!r}")
+    if not isinstance(model.get("layer_order", "gcr"), str):
+        raise ConfigurationError(
+            f"{source}: model.layer_order must be a string of layer letters such as gcr, got {model['layer_order']!r}"
+        )
     if not model.get("is_segmentation", True):
         raise ConfigurationError(
             f"{source}: model.is_segmentation=false (a regression network without final activation) is not "
@@ -131,11 +139,15 @@ def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[
         )
     f_maps = model.get("f_maps", 64)
     default_levels = 4 if architecture == "unet" else 5
-    if isinstance(f_maps, (list, tuple)):
-        f_maps, num_levels = [int(c) for c in f_maps], len(f_maps)
+    if isinstance(f_maps, (list, tuple)) and f_maps:
+        f_maps, num_levels = [_positive_int(c, "f_maps", source) for c in f_maps], len(f_maps)
     else:
-        num_levels = int(model.get("num_levels", default_levels))
-    final_sigmoid = bool(model.get("final_sigmoid", True))
+        _positive_int(f_maps, "f_maps", source, "or a list of them, one per level")
+        num_levels = _positive_int(model.get("num_levels", default_levels), "num_levels", source)
+    num_groups = model.get("num_groups")
+    if num_groups is not None:
+        _positive_int(num_groups, "num_groups", source, "or null")
+    final_sigmoid = model.get("final_sigmoid", True)
     settings = {
         "architecture": architecture,
         "spatial_dims": spatial_dims,
@@ -145,13 +157,21 @@ def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[
         "f_maps": f_maps,
         "num_levels": num_levels,
         "layer_order": order,
-        "num_groups": int(model.get("num_groups") or 8),  # null in configs without GroupNorm
+        "num_groups": num_groups or 8,  # null in configs without GroupNorm
         "upsample": modes[upsample],
         # pytorch-3dunet's final activation: sigmoid masks (its BCE-style training) or a softmax over classes.
         "loss": "bce" if final_sigmoid else "ce",
         "multiclass": not final_sigmoid,
     }
     return settings, notes
+
+
+def _positive_int(value: Any, key: str, source: str, alternative: str = "") -> int:
+    """``value`` if it is an integer >= 1 (YAML's true/false are not), else a ConfigurationError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        also = f" {alternative}" if alternative else ""
+        raise ConfigurationError(f"{source}: model.{key} must be a positive integer{also}, got {value!r}")
+    return value
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -171,13 +191,32 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The model weights of a pytorch-3dunet checkpoint (``model_state_dict``, or a bare state dict)."""
+    if path.is_dir():
+        raise ConfigurationError(f"model_path {path}: is a directory; give pytorch-3dunet's best_checkpoint.pytorch")
     if not path.is_file():
         raise ConfigurationError(f"model_path {path}: file does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise ConfigurationError(f"model_path {path}: cannot be read ({err.strerror or err})") from None
     except Exception as err:  # noqa: BLE001 - any failure means the file is not a readable checkpoint
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigurationError(f"model_path {path}: cannot be read as a PyTorch checkpoint ({reason})") from None
+        if _is_yaml_mapping(path):
+            raise ConfigurationError(
+                f"model_path {path}: is a YAML file (a config?), not a PyTorch checkpoint; give pytorch-3dunet's "
+                "best_checkpoint.pytorch as --model_path and its training config as --config"
+            ) from None
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+            # torch's advice is weights_only=False, i.e. running whatever code the file holds: never for a download.
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            what = f" such as {found.group(1)}" if found else ""
+            raise ConfigurationError(
+                f"model_path {path}: cannot be read safely: it holds Python objects{what} besides tensors and "
+                "settings; give pytorch-3dunet's best_checkpoint.pytorch, or re-save only its model_state_dict"
+            ) from None
+        raise ConfigurationError(
+            f"model_path {path}: cannot be read as a PyTorch checkpoint (truncated, or another format); give "
+            "pytorch-3dunet's best_checkpoint.pytorch"
+        ) from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model_state_dict"), dict):
         checkpoint = checkpoint["model_state_dict"]
     if not isinstance(checkpoint, dict) or not checkpoint or \
@@ -190,16 +229,44 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return checkpoint
 
 
-def read_config(path: Path) -> dict[str, Any]:
+def _is_yaml_mapping(path: Path) -> bool:
+    """Whether ``path`` is a small text file holding a YAML mapping: a config given where a checkpoint belongs."""
     import yaml
 
+    try:
+        if path.stat().st_size > 2**20:
+            return False
+        return isinstance(yaml.safe_load(path.read_text(encoding="utf-8")), dict)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """pytorch-3dunet's training config, read as ``unet3d`` reads its own: a key given twice is an error naming the
+    file and lines (PyYAML would keep the last one silently, and the weights would then not fit)."""
+    import yaml
+
+    from .cli import _UniqueKeyLoader
+
+    if path.is_dir():
+        raise ConfigurationError(f"config {path}: is a directory; give pytorch-3dunet's training config (a YAML file)")
     if not path.is_file():
         raise ConfigurationError(f"config {path}: file does not exist")
     try:
-        config = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        reason = str(err).strip().splitlines()[0]
-        raise ConfigurationError(f"config {path}: cannot be read as YAML ({reason})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigurationError(
+            f"config {path}: is not a text (YAML) file; is it the checkpoint? That one goes to --model_path"
+        ) from None
+    except OSError as err:
+        raise ConfigurationError(f"config {path}: cannot be read ({err.strerror or err})") from None
+    try:
+        config = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}:" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+        raise ConfigurationError(f"config {path}:{line} {problem}") from None
     if not isinstance(config, dict):
         raise ConfigurationError(f"config {path}: is not a YAML mapping with a 'model' section")
     return config
@@ -227,6 +294,12 @@ def import_pytorch3dunet(
     from .module import UNet3DModule
 
     model_path, config, output = Path(model_path), Path(config), Path(output)
+    if output.is_dir():
+        raise ConfigurationError(
+            f"output {output} is a directory; give the checkpoint file to write, e.g. {output / 'model.ckpt'}"
+        )
+    if output.exists() and not output.is_file():
+        raise ConfigurationError(f"output {output} exists and is not a regular file; choose another name")
     if output.exists() and not overwrite:
         raise ConfigurationError(f"output {output} already exists; choose another name or pass --overwrite")
     if output.exists() and output.resolve() in (model_path.resolve(), config.resolve()):
@@ -260,15 +333,32 @@ def import_pytorch3dunet(
         "global_step": 0,
         "imported_from": {"pytorch3dunet_model_path": str(model_path), "config": str(config)},
     }
-    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(handle)
     try:
-        torch.save(checkpoint, temporary)
+        _save_atomically(checkpoint, output)
+    except OSError as err:
+        raise ConfigurationError(f"output {output}: cannot be written ({err.strerror or err})") from None
+    return settings, notes
+
+
+def _save_atomically(checkpoint: dict[str, Any], output: Path) -> None:
+    """``torch.save`` to a new temporary name beside ``output``, then rename: an interrupted import never leaves a
+    truncated checkpoint. The file is created as ``open()`` creates one (mode 0666 less the umask, as Lightning's
+    checkpoints are), not owner-only as ``tempfile.mkstemp`` makes it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        temporary = output.with_name(f".{output.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            handle = os.open(temporary, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(checkpoint, file)
         os.replace(temporary, output)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
-    return settings, notes
 
 
 def _compare(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -299,6 +389,7 @@ def main(args: list[str] | None = None) -> None:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     patch = "[1,Y,X]" if settings["spatial_dims"] == 2 else "[Z,Y,X]"
+    # Quoted as a shell needs it: brackets are glob patterns there.
     print(f"wrote {parsed.output} ({settings['architecture']}, {settings['spatial_dims']}D); predict with: unet3d "
-          f"predict --ckpt_path {parsed.output} --data.predict_paths VOLUME.h5 --data.predict_patch_shape {patch}",
-          file=sys.stderr)
+          f"predict --ckpt_path {shlex.quote(parsed.output)} --data.predict_paths '[VOLUME.h5]' "
+          f"--data.predict_patch_shape '{patch}'", file=sys.stderr)

@@ -26,6 +26,8 @@ Metrics, on a ground truth whose id 0 is background and whose negative ids (see
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
+
+from .errors import ConfigurationError
 
 __all__ = [
     "WatershedOptions",
@@ -56,13 +60,16 @@ class WatershedOptions:
 
     Args:
         threshold: a voxel is interior (seed region) where the boundary map is below it, foreground where the
-            foreground channel (or, for affinities, the largest affinity) is above it. Default 0.5.
+            foreground channel (or, for affinities, the largest affinity) is above it; in (0, 1). Default 0.5.
         seed_sigma: Gaussian smoothing (in voxels) of the distance transform before its maxima are taken; larger
-            values give fewer seeds (less over-segmentation). Default 2.0.
-        min_distance: smallest distance in voxels between two seeds. Default 5.
-        min_size: instances smaller than this many voxels are merged into a neighbour (or dropped). Default 0.
+            values give fewer seeds (less over-segmentation); >= 0, 0 for none. Default 2.0.
+        min_distance: smallest distance in voxels between two seeds; >= 1. Default 5.
+        min_size: instances smaller than this many voxels are merged into a neighbour (or dropped); >= 0. Default 0.
         memory_limit_gb: refuse (at the start, with an error) volumes whose watershed would need more memory than
-            this, about ``WATERSHED_BYTES_PER_VOXEL`` = 80 bytes per voxel. Default 16.
+            this, about ``WATERSHED_BYTES_PER_VOXEL`` = 80 bytes per voxel; > 0. Default 16.
+
+    Raises:
+        ConfigurationError: a setting outside its range, named ``prediction.watershed.<key>``.
     """
 
     threshold: float = 0.5
@@ -70,6 +77,31 @@ class WatershedOptions:
     min_distance: int = 5
     min_size: int = 0
     memory_limit_gb: float = 16.0
+
+    def __post_init__(self) -> None:
+        # Maps are probabilities: at 0 no voxel is interior (no seeds), at 1 every one is (a single object).
+        checks = (
+            ("threshold", _is_number(self.threshold) and 0 < self.threshold < 1, "a number in (0, 1), e.g. 0.5"),
+            ("seed_sigma", _is_number(self.seed_sigma) and 0 <= self.seed_sigma < math.inf,
+             "a number >= 0 (0: no smoothing)"),
+            ("min_distance", _is_integer(self.min_distance) and self.min_distance >= 1, "an integer >= 1"),
+            ("min_size", _is_integer(self.min_size) and self.min_size >= 0, "an integer >= 0 (0: keep every object)"),
+            ("memory_limit_gb", _is_number(self.memory_limit_gb) and self.memory_limit_gb > 0, "a number > 0"),
+        )
+        for key, valid, what in checks:
+            if not valid:
+                raise ConfigurationError(
+                    f"prediction.watershed.{key} {getattr(self, key)!r} must be {what}"
+                )
+
+
+def _is_number(value: Any) -> bool:
+    """A real number that is not NaN (bools are not numbers here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def boundary_evidence(
@@ -96,6 +128,8 @@ def boundary_evidence(
     # of the neighbouring object as to its own, and the watershed could give it to either.
     lowest = np.asarray(maps, np.float32).min(axis=0)
     for k, offset in enumerate(spec["offsets"]):
+        if any(abs(o) >= n for o, n in zip(offset, lowest.shape)):
+            continue  # an offset longer than the volume pairs no voxel: no pair at v - o to take
         a = tuple(slice(max(0, -o), n - max(0, o)) for n, o in zip(lowest.shape, offset))
         b = tuple(slice(max(0, o), n + min(0, o)) for n, o in zip(lowest.shape, offset))
         np.minimum(lowest[b], maps[k][a], out=lowest[b])

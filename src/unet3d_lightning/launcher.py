@@ -1,4 +1,5 @@
-"""The ``unet3d`` command's entry point: the CPU memory allocator's settings, then :func:`cli.main`, then a quick exit.
+"""The ``unet3d`` command's entry point: standard streams, the CPU memory allocator's settings, then :func:`cli.main`,
+then a quick exit.
 
 This module imports nothing heavy, so that it can act before torch is loaded.
 
@@ -12,7 +13,8 @@ benchmark machine that system time was a third of the network's time. Tools comm
   malloc's memory: 2 MiB pages, 512 times fewer faults, memory still returned when freed (no growth of the peak).
   glibc reads tunables only at process start, so ``unet3d`` re-executes itself once, at once, with
   ``GLIBC_TUNABLES`` set (same process id, same arguments). Used where glibc ≥ 2.35 and the kernel's transparent
-  huge pages are ``always`` or ``madvise``; elsewhere this is ``system``.
+  huge pages are ``always`` or ``madvise``, and only when the command runs by itself (see *Wrapping tools*);
+  elsewhere this is ``system``.
 * ``reuse``: ``mallopt`` keeps freed memory in the heap (no ``mmap`` per allocation, no trimming) and reuses it:
   faster still on some CPUs, but heap fragmentation raises the process's peak memory (by about the size of one
   forward pass's activations);
@@ -21,18 +23,28 @@ benchmark machine that system time was a third of the network's time. Tools comm
 Nothing is changed when the user set glibc's variables (``GLIBC_TUNABLES``, ``MALLOC_*``) or preloads another
 allocator. ``unet3d_lightning.cli.main`` (the in-process API used by scripts and tests) never changes the allocator.
 
-**Output.** A closed pipe on standard output or error (``unet3d predict … | head``) no longer aborts the run:
-the messages are dropped, the run finishes its files (:class:`PipeSafe`).
+**Output** (:func:`standard_streams`). A standard stream closed at start (``unet3d predict … >&-``, as daemons and
+some schedulers start jobs) is given ``/dev/null``: the run completes, and no file the run opens can take the
+descriptor of its standard output. A reader that goes away later (``unet3d predict … | head``, a closed terminal)
+does not abort the run either: at the first failed write, ``/dev/null`` is put on the stream's descriptor, as the
+Python documentation advises for SIGPIPE, so every later write goes there, from any stream object, from C code,
+from the interpreter's last flush at exit (:class:`PipeSafe`); the run finishes its files.
 
 **Exit.** Once a run has finished and its outputs are closed, tearing down the interpreter (thousands of modules
-imported by torch and Lightning) takes another second or two. ``unet3d`` runs the exit handlers, flushes its
-output and ends the process without that teardown.
+imported by torch and Lightning) takes another second or two. ``unet3d`` ends the process without that teardown,
+after what the interpreter does first: non-daemon threads are joined, exit handlers run, output is flushed.
+
+**Wrapping tools.** Under a profiler, debugger or coverage tool (``python -m cProfile -m unet3d_lightning …``,
+``coverage run``, ``pdb``), re-executing would run the tool a second time and the quick exit would skip the tool's
+own work after the run (writing the profile or the coverage data). Both are done only when the process is the
+command itself (:func:`invoked_directly`); otherwise the run returns and exits as any Python program.
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import errno
 import os
 import platform
 import sys
@@ -102,9 +114,10 @@ def hugepages_supported() -> bool:
     return version is not None and version >= (2, 35) and transparent_hugepages() in ("always", "madvise")
 
 
-def configure_allocator(argv: list[str] | None = None) -> str:
+def configure_allocator(argv: list[str] | None = None, reexec: bool = True) -> str:
     """Apply ``UNET3D_CPU_ALLOCATOR`` to this process; return the mode in effect (``"user"`` when the user's own
-    settings win). For ``hugepages`` this re-executes the process (it does not return) unless already done."""
+    settings win). For ``hugepages`` this re-executes the process (it does not return) unless already done;
+    with ``reexec=False`` it leaves the allocator as it is instead (``"system"``)."""
     choice = allocator_choice()
     if os.environ.get(_APPLIED_VAR):
         return os.environ[_APPLIED_VAR]
@@ -113,12 +126,11 @@ def configure_allocator(argv: list[str] | None = None) -> str:
     if user_controls_allocator():
         return "user"
     if choice == "hugepages":
-        if not hugepages_supported():
+        if not reexec or not hugepages_supported():
             return "system"
         env = dict(os.environ, GLIBC_TUNABLES=HUGEPAGES_TUNABLE, **{_APPLIED_VAR: "hugepages"})
         command = list(sys.orig_argv) if argv is None else argv
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_standard_streams()
         try:
             os.execve(sys.executable, command, env)
         except OSError:
@@ -155,25 +167,104 @@ def exit_status(code: object) -> int:
 
 
 def quick_exit(status: int) -> None:
-    """End the process now: exit handlers (joining reader processes, closing loggers) run, streams are flushed,
-    the interpreter's teardown is skipped."""
+    """End the process now, after what the interpreter's own exit does first: non-daemon threads are joined
+    (``threading``'s shutdown, which also stops ``concurrent.futures`` pools), exit handlers run (joining reader
+    processes, closing loggers), streams are flushed; the interpreter's teardown is skipped."""
     try:
+        _join_threads()
         atexit._run_exitfuncs()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+        _flush_standard_streams()
         os._exit(status)
+
+
+def _join_threads() -> None:
+    threading = sys.modules.get("threading")
+    if threading is None or threading.current_thread() is not threading.main_thread():
+        return
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()  # what the interpreter calls at exit before the exit handlers
+        return
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+
+
+def _flush_standard_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def invoked_directly(caller: Any) -> bool:
+    """Whether ``caller``, the frame that called :func:`run`, is the program itself: the console script, or
+    ``python -m unet3d_lightning`` (only ``runpy`` around it), with no tracer, profiler or interactive prompt to
+    come back to. Under ``cProfile``, ``pdb`` or ``coverage`` their frames are outside it, or their hooks set."""
+    if sys.gettrace() is not None or sys.getprofile() is not None or sys.flags.inspect:
+        return False
+    monitoring = getattr(sys, "monitoring", None)  # Python >= 3.12: coverage's and profilers' newer hooks
+    if monitoring is not None and any(monitoring.get_tool(tool) is not None for tool in range(6)):
+        return False
+    if caller is None or caller.f_code.co_name != "<module>" or caller.f_globals.get("__name__") != "__main__":
+        return False
+    outer = caller.f_back
+    while outer is not None:
+        if outer.f_globals.get("__name__") != "runpy":
+            return False
+        outer = outer.f_back
+    return True
+
+
+_STANDARD_STREAMS = ((0, "stdin", os.O_RDONLY, "r"), (1, "stdout", os.O_WRONLY, "w"), (2, "stderr", os.O_WRONLY, "w"))
+
+
+def standard_streams() -> None:
+    """Give each standard descriptor (0, 1, 2) that is closed ``/dev/null``, and a Python stream where there is
+    none; then wrap standard output and error in :class:`PipeSafe`.
+
+    With descriptor 1 closed, the next file the run opens (a checkpoint, an output volume) would get it, and whatever
+    a library or a child process prints would land in that file."""
+    for fd, name, flags, mode in _STANDARD_STREAMS:
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                null = os.open(os.devnull, flags)
+            except OSError:
+                continue
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            else:
+                os.set_inheritable(fd, True)  # os.open's descriptors are closed on exec; child processes need it
+        if getattr(sys, name) is None:
+            buffering = 1 if fd == 2 else -1  # line-buffered standard error, as Python's own
+            stream = open(fd, mode, buffering=buffering, errors="backslashreplace", closefd=False)  # noqa: SIM115
+            setattr(sys, name, stream)
+            if getattr(sys, f"__{name}__") is None:
+                setattr(sys, f"__{name}__", stream)
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, PipeSafe):
+            setattr(sys, name, PipeSafe(stream))
+
+
+# A write fails with these once the reader has gone: a closed pipe, a hung-up terminal (EIO).
+_READER_GONE = (errno.EPIPE, errno.EIO)
 
 
 class PipeSafe:
     """A text stream that stops writing, instead of raising, once its reader has gone away.
 
-    ``unet3d predict … | head`` closes the pipe after a few lines; Python then raises ``BrokenPipeError`` at the
-    next message (from Lightning, the progress bar, anywhere), which would abort the run and lose its outputs. Through
-    this wrapper the run goes on and finishes its files; what it would have printed is dropped."""
+    ``unet3d predict … | head`` closes the pipe after a few lines, a dropped SSH session the terminal; Python then
+    raises ``BrokenPipeError`` (or an ``OSError`` EIO) at the next message (from Lightning, the progress bar,
+    anywhere), which would abort the run and lose its outputs. Through this wrapper the run goes on and finishes its
+    files; what it would have printed is dropped. At the first such failure ``/dev/null`` is duplicated onto the
+    stream's descriptor (the Python documentation's advice for SIGPIPE): what is still buffered, writes by other
+    objects on the same descriptor and the interpreter's flush at exit then succeed instead of failing again."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -183,16 +274,38 @@ class PipeSafe:
         if not self.broken:
             try:
                 return self._stream.write(text)
-            except BrokenPipeError:
-                self.broken = True
+            except OSError as err:
+                if err.errno not in _READER_GONE:
+                    raise
+                self._reader_gone()
         return len(text)
 
     def flush(self) -> None:
         if not self.broken:
             try:
                 self._stream.flush()
-            except BrokenPipeError:
-                self.broken = True
+            except OSError as err:
+                if err.errno not in _READER_GONE:
+                    raise
+                self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        self.broken = True
+        try:
+            fd = self._stream.fileno()
+            null = os.open(os.devnull, os.O_WRONLY)
+        except (OSError, ValueError, AttributeError):
+            return  # not a descriptor (or no /dev/null): dropping the writes here is all there is to do
+        try:
+            os.dup2(null, fd)
+        except OSError:
+            return
+        finally:
+            os.close(null)
+        try:
+            self._stream.flush()  # what the failed write left in the buffer goes to /dev/null now
+        except (OSError, ValueError):
+            pass
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -201,15 +314,18 @@ class PipeSafe:
 def run() -> None:
     """``unet3d``: see the module docstring. Exceptions other than ``SystemExit`` end as Python would end them
     (traceback, status 1, full teardown)."""
+    standard_streams()
+    direct = invoked_directly(sys._getframe(1))
     try:
-        configure_allocator()
+        configure_allocator(reexec=direct)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    sys.stdout = PipeSafe(sys.stdout)
-    sys.stderr = PipeSafe(sys.stderr)
     from .cli import main
 
+    if not direct:
+        main()  # the tool around the run (profiler, coverage, debugger) finishes its work after it returns
+        return
     try:
         main()
     except SystemExit as done:

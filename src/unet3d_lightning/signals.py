@@ -1,8 +1,11 @@
-"""Stopping on SIGTERM and SIGINT: a resumable ``last.ckpt`` from ``fit``, no temporary files from ``predict``.
+"""Stopping on a signal: a resumable ``last.ckpt`` from ``fit``, no temporary files from ``predict``.
 
-SIGTERM is what ``timeout``, ``docker stop``, Kubernetes and SLURM send before SIGKILL; SIGINT is Ctrl+C. Both end
-the command with a non-zero status, ``128 + signal`` as a shell reports a killed process (143 for SIGTERM, 130 for
-SIGINT), so that a job script never mistakes a stopped run for a finished one.
+The signals: SIGTERM, what ``timeout``, ``docker stop``, Kubernetes and SLURM send before SIGKILL; SIGINT, Ctrl+C;
+SIGHUP, a closed terminal or a dropped SSH session; SIGUSR1, which job scripts and schedulers send as a warning
+(under SLURM with Lightning's auto-requeue it stays Lightning's requeue signal, see below). Each ends the command with
+a non-zero status, ``128 + signal`` as a shell reports a killed process (143 for SIGTERM, 130 for SIGINT, 129 for
+SIGHUP, 138 for SIGUSR1), so that a job script never mistakes a stopped run for a finished one. A signal that the
+process was started with ignored (``nohup`` ignores SIGHUP, a shell script's background job SIGINT) stays ignored.
 
 - ``fit``, while training: the signal sets Lightning's own stop flag (``trainer.received_sigterm``, see
   ``lightning.pytorch.trainer.connectors.signal_connector``); Lightning raises ``SIGTERMException`` after the
@@ -18,9 +21,16 @@ SIGINT), so that a job script never mistakes a stopped run for a finished one.
   ``on_exception``, where the prediction writer deletes its temporary file.
 - A second signal while ``fit`` waits for its step to end stops at once, without saving: the step may be half done.
   Further signals during the clean-up are ignored (SIGKILL remains the last word).
+- Under SLURM, when Lightning's ``SLURMEnvironment`` requeues (``auto_requeue``, the default for batch jobs), its
+  requeue signal (SIGUSR1 unless configured otherwise) is left to Lightning, which installs its handler only where
+  none is set: it saves ``hpc_ckpt_N.ckpt`` and requeues the job.
 
-DataLoader worker processes inherit the handlers; there they keep the default behaviour (workers leave stopping to
-the main process).
+The messages go to standard error while it is open; after a hang-up, writing to the vanished terminal fails, and a
+signal handler must not raise for that.
+
+DataLoader worker processes inherit the handlers; there they leave stopping to the main process: a hang-up or
+SIGUSR1 sent to the whole process group (as a terminal's hang-up is) is ignored by the workers, which the main
+process ends when it stops; the other signals keep their default behaviour.
 """
 
 from __future__ import annotations
@@ -33,14 +43,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1")
+                     if hasattr(signal, name))
+# Signals a worker process leaves to the main process (a hang-up reaches the whole process group at once).
+_MAIN_PROCESS_ONLY = tuple(getattr(signal, name) for name in ("SIGHUP", "SIGUSR1") if hasattr(signal, name))
 
 
 def exit_status(signum: int) -> int:
-    """The shell's status for a process ended by ``signum``: 128 + the signal number (SIGTERM 143, SIGINT 130)."""
+    """The shell's status for a process ended by ``signum``: 128 + the signal number (SIGTERM 143, SIGINT 130,
+    SIGHUP 129, SIGUSR1 138)."""
     return 128 + int(signum)
 
 
@@ -53,9 +68,30 @@ class Interrupted(BaseException):
         self.signum = int(signum)
 
 
+def ignore_stop_signals_in_worker(worker_id: int | None = None) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM, SIGHUP and SIGUSR1, which a terminal's hang-up,
+    SLURM's time limit or ``kill -- -PGID`` send to every process of the group or job at once. A worker killed by
+    one makes PyTorch raise in the main process at once ("DataLoader worker ... is killed by signal"), before it can
+    save; the main process stops the run and ends its workers, and a worker whose main process died ends itself."""
+    for signum in (signal.SIGTERM, *_MAIN_PROCESS_ONLY):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def tell(text: str) -> None:
+    """Print ``text`` on standard error if that is still open; never raises (after a hang-up the terminal is gone,
+    and inside a signal handler a write interrupted mid-way raises RuntimeError)."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        print(text, file=stream, flush=True)
+    except (OSError, ValueError, RuntimeError):
+        pass
+
+
 class GracefulShutdown(Callback):
-    """Turns SIGTERM / SIGINT into a clean stop: during training, after the current step with ``last.ckpt`` saved;
-    elsewhere at once. :meth:`install` sets the signal handlers (main thread of the main process only).
+    """Turns the :data:`STOP_SIGNALS` into a clean stop: during training, after the current step with ``last.ckpt``
+    saved; elsewhere at once. :meth:`install` sets the signal handlers (main thread of the main process only).
 
     After the run, :attr:`signum` is the signal received (None if none) and :attr:`report` the lines to print.
     """
@@ -76,7 +112,10 @@ class GracefulShutdown(Callback):
             return
         self._pid = os.getpid()
         for signum in STOP_SIGNALS:
-            self._previous[signum] = signal.getsignal(signum)
+            current = signal.getsignal(signum)
+            if current == signal.SIG_IGN:
+                continue  # ignored on purpose by whoever started the process (nohup, a script's background job)
+            self._previous[signum] = current
             signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:
@@ -88,9 +127,11 @@ class GracefulShutdown(Callback):
 
     def _handle(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:
-            # A forked DataLoader worker: behave as without us (the main process decides).
+            # A forked DataLoader worker: the main process decides.
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
+            if signum in _MAIN_PROCESS_ONLY:
+                return  # dying here would crash the main process's loader before it could save
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
@@ -102,8 +143,8 @@ class GracefulShutdown(Callback):
             # Lightning's own flag: its loops raise SIGTERMException at the next step boundary (and broadcast it
             # to the other ranks under DDP). For SIGTERM Lightning's handler has set it already.
             self._trainer._signal_connector.received_sigterm = True
-            print(f"\n{name} received: stopping after the current training step (send it again to stop at once, "
-                  "without saving)", file=sys.stderr, flush=True)
+            tell(f"\n{name} received: stopping after the current training step (send it again to stop at once, "
+                 "without saving)")
             return
         if self.signum is None:
             self.signum = signum
@@ -113,6 +154,21 @@ class GracefulShutdown(Callback):
     # ------------------------------------------------------------------------------------------ callback hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        self._leave_requeue_signal_to_lightning(trainer)
+
+    def _leave_requeue_signal_to_lightning(self, trainer: pl.Trainer) -> None:
+        """Under SLURM with auto-requeue, Lightning saves and requeues the job on its requeue signal, but installs
+        that handler (right after the setup hooks) only where no other handler is set: restore what was there."""
+        environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
+        if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
+            return
+        signum = environment.requeue_signal
+        if signum is None or signum in (signal.SIGTERM, signal.SIGINT) or signum not in self._previous:
+            return
+        if threading.current_thread() is not threading.main_thread() or signal.getsignal(signum) != self._handle:
+            return
+        previous = self._previous.pop(signum)
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer

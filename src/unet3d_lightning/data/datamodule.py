@@ -16,13 +16,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigurationError
+from ..signals import ignore_stop_signals_in_worker
 from . import readers
 from .patches import padded_shape, patch_grid
 from .sampling import PaddingIndex, ShardedSampler
 from .targets import LABEL_TRANSFORMS, LabelTransform, LabelTransformName, TargetOptions, relabel
 from .transforms import Augmentation, Compose
 from .volumes import (
+    MISSING_CHUNKS_POLICIES,
     READ_ERRORS,
+    MissingChunksPolicy,
     Volume,
     check_consistent,
     error_summary,
@@ -282,6 +285,17 @@ class PredictDataset(Dataset):
         self._files.close()
 
 
+def _init_worker(worker_id: int) -> None:
+    """Reader workers leave the stop signals to the main process (a signal sent to the whole process group would
+    otherwise kill them first, and the run would die without its checkpoint); with ``seed_everything(workers=True)``
+    they are seeded as Lightning's own worker init (which it adds only to loaders that have none) seeds them."""
+    ignore_stop_signals_in_worker(worker_id)
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
+
+
 class PatchLoader(DataLoader):
     """A DataLoader over a :class:`ShardedSampler` whose place in the epoch is saved in checkpoints.
 
@@ -300,6 +314,7 @@ class PatchLoader(DataLoader):
     """
 
     def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("worker_init_fn", _init_worker)
         super().__init__(*args, **kwargs)
         self.progress = progress
 
@@ -335,10 +350,11 @@ class HDF5DataModule(pl.LightningDataModule):
     skip, so every patch counts exactly once. Each reader process opens the files itself and keeps them open (chunk caches stay warm).
 
     Args:
-        train_paths, val_paths, test_paths, predict_paths: volumes: HDF5 files (``.h5``/``.hdf5``/``.hdf``), Zarr
-            stores (``.zarr`` directories, OME-Zarr included), TIFF stacks (``.tif``/``.tiff``), directories of
-            them, or glob patterns (``data/train/*.h5``, ``**`` allowed; a name that exists is taken as it
-            is, even with ``[ ] * ?`` in it); see :mod:`~unet3d_lightning.data.readers`. Default None.
+        train_paths, val_paths, test_paths, predict_paths: volumes, as one path or a list of them: HDF5 files
+            (``.h5``/``.hdf5``/``.hdf``), Zarr stores (``.zarr`` directories, OME-Zarr included), TIFF stacks
+            (``.tif``/``.tiff``), directories of them, or glob patterns (``data/train/*.h5``, ``**`` allowed; a
+            pattern, like a directory, selects only those kinds of files; a name that exists is taken as it is, even
+            with ``[ ] * ?`` in it); see :mod:`~unet3d_lightning.data.readers`. Default None.
         raw_internal_path: dataset holding the raw volume, ``(D, H, W)`` or ``(C, D, H, W)``: an HDF5 dataset, or
             an array of a Zarr store's group (``"0"``, the full resolution of an OME-Zarr image); ignored for TIFF.
             Default ``"raw"``.
@@ -374,9 +390,10 @@ class HDF5DataModule(pl.LightningDataModule):
         in_memory: read whole volumes into RAM at setup instead of reading patches lazily. Default False.
         seed: seed of the patch order and the augmentations. Default None: the run's ``seed_everything`` seed.
         label_paths: labels kept in files of their own (needed for TIFF volumes, which hold one image), by role:
-            ``{"train": [...], "val": [...], "test": [...]}``, each list written like ``train_paths`` and expanded
-            the same way (directories and patterns sorted by name); the n-th label file belongs to the n-th volume
-            of that role, so both lists must expand to the same count. The labels (and weights) are read at
+            ``{"train": [...], "val": [...], "test": [...]}``, each entry written like ``train_paths`` (one path or
+            a list) and expanded the same way (directories and patterns sorted by name); the n-th label file belongs
+            to the n-th volume of that role, so both must expand to the same count, and each volume needs a label
+            file of its own. The labels (and weights) are read at
             ``label_internal_path`` (``weight_internal_path``) of the label file, which may be of another format
             than the volume. A role without an entry keeps its labels inside the volumes' files. Default None.
         label_transform: ``"none"`` (labels are the targets), or train on targets derived per patch, after the
@@ -387,14 +404,21 @@ class HDF5DataModule(pl.LightningDataModule):
             and the loss be ``bce``, ``dice`` or ``bce_dice``. Default ``"none"``.
         target_options: settings of those targets (boundary thickness, foreground channel, affinity offsets); see
             :class:`~unet3d_lightning.data.targets.TargetOptions`. Default ``TargetOptions()``.
+        missing_chunks: chunks that a Zarr or HDF5 array does not store, which readers return as the array's fill
+            value: ``"auto"`` reads them so, with a warning, where the format lets writers leave out chunks of only
+            fill values (Zarr; zarr-python 3 does by default) and refuses them where they must have been lost (HDF5,
+            whose writers store every chunk; a Zarr array without a fill value, or one that stores chunks of only
+            fill values); ``"error"`` refuses every array that lacks chunks; ``"fill"`` reads them as the fill
+            value, with a warning. Checked at setup from the stores' listings (no extra data read); see
+            :class:`~unet3d_lightning.data.volumes.ChunkAudit`. Default ``"auto"``.
     """
 
     def __init__(
         self,
-        train_paths: list[str] | None = None,
-        val_paths: list[str] | None = None,
-        test_paths: list[str] | None = None,
-        predict_paths: list[str] | None = None,
+        train_paths: list[str] | str | None = None,
+        val_paths: list[str] | str | None = None,
+        test_paths: list[str] | str | None = None,
+        predict_paths: list[str] | str | None = None,
         raw_internal_path: str = "raw",
         label_internal_path: str = "label",
         weight_internal_path: str | None = None,
@@ -413,9 +437,10 @@ class HDF5DataModule(pl.LightningDataModule):
         empty_patch_keep_share: float = 0.0,
         in_memory: bool = False,
         seed: int | None = None,
-        label_paths: dict[str, list[str]] | None = None,
+        label_paths: dict[str, list[str] | str] | None = None,
         label_transform: LabelTransformName = "none",
         target_options: TargetOptions = TargetOptions(),
+        missing_chunks: MissingChunksPolicy = "auto",
     ) -> None:
         super().__init__()
         if isinstance(augmentation, Mapping):  # as stored in a checkpoint's hyperparameters
@@ -437,6 +462,11 @@ class HDF5DataModule(pl.LightningDataModule):
             raise ConfigurationError(f"min_foreground_fraction {min_foreground_fraction} must be in [0, 1]")
         if not 0 <= empty_patch_keep_share <= 1:
             raise ConfigurationError(f"empty_patch_keep_share {empty_patch_keep_share} must be in [0, 1]")
+        if missing_chunks not in MISSING_CHUNKS_POLICIES:
+            raise ConfigurationError(
+                f"data.missing_chunks {missing_chunks!r} is not one of {', '.join(MISSING_CHUNKS_POLICIES)}"
+            )
+        self.missing_chunks = missing_chunks
         self.paths = {"train": train_paths, "val": val_paths, "test": test_paths, "predict": predict_paths}
         unknown = sorted(set(label_paths or {}) - {"train", "val", "test"})
         if unknown:
@@ -516,13 +546,13 @@ class HDF5DataModule(pl.LightningDataModule):
         """
         roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[stage]
         if stage == "fit":
-            for role in roles:
-                if not self.paths[role]:
-                    raise ConfigurationError(
-                        f"data.{role}_paths is empty: fit needs {role} volumes (validation may reuse training files)"
-                    )
+            if not self.paths["train"]:
+                raise ConfigurationError("data.train_paths is empty: fit needs training volumes")
+            if not self.paths["val"]:
+                roles = ("train",)  # training without validation, e.g. on every annotated volume
         elif not self.paths[roles[0]]:
             raise ConfigurationError(f"data.{roles[0]}_paths is empty: {stage} needs at least one volume")
+        self._check_offsets(roles)
         spec = self._model_spec(model)
         for role in roles:
             self.volumes[role] = self._load_volumes(role, spec)
@@ -553,6 +583,26 @@ class HDF5DataModule(pl.LightningDataModule):
                     self._grid(volume, volume.spatial_shape, patch, stride, role)
         return roles
 
+    def _check_offsets(self, roles: Sequence[str]) -> None:
+        """Every affinity offset must link voxels inside a patch: one as long as the patch links none (its channel
+        would be masked everywhere), a longer one would not even fit the patch's slices."""
+        if self.targets is None or self.targets.kind != "affinities":
+            return
+        for role in roles:
+            if role == "predict" or not self.paths[role]:
+                continue
+            patch, _ = self._shapes(role)
+            key = "train_patch_shape" if role == "train" or self.val_patch_shape is None else "val_patch_shape"
+            for offset in self.target_options.offsets:
+                for axis, o, n in zip("zyx", offset, patch):
+                    if abs(o) >= n:
+                        raise ConfigurationError(
+                            f"data.target_options.offsets: the offset {list(offset)} reaches {abs(o)} voxels along "
+                            f"{axis}, but data.{key} {list(patch)} has only {n} along {axis}, so no two voxels of a "
+                            f"{role} patch are that far apart; use offsets shorter than the patch along every axis, "
+                            f"or a larger data.{key}"
+                        )
+
     def _load_volumes(self, role: str, spec: dict[str, Any]) -> list[Volume]:
         labelled = role != "predict"
         percentiles = self.percentiles if self.normalization == "percentile" else None
@@ -580,7 +630,7 @@ class HDF5DataModule(pl.LightningDataModule):
                     _check_instance_labels(volume)
                 scan_volume(
                     volume, out_channels=spec["out_channels"] if volume.label_kind != "instances" else None,
-                    ignore_index=spec["ignore_index"], percentiles=percentiles,
+                    ignore_index=spec["ignore_index"], percentiles=percentiles, missing_chunks=self.missing_chunks,
                 )
                 if self.in_memory:
                     load_arrays(volume)
@@ -601,12 +651,22 @@ class HDF5DataModule(pl.LightningDataModule):
                         f"their own; list the label files in data.label_paths.{role}, in the order of the volumes"
                     )
             return [None] * len(paths)
-        labels = resolve_paths(entries, f"label_paths.{role}")
+        # Not made unique: a label file listed twice pairs with two volumes, which is the mistake to name.
+        labels = resolve_paths(entries, f"label_paths.{role}", unique=False)
         if len(labels) != len(paths):
             raise ConfigurationError(
-                f"data.label_paths.{role} expands to {len(labels)} file(s) but data.{role}_paths to {len(paths)} "
-                "volume(s); give one label file per volume, in the same order"
+                f"data.label_paths.{role} expands to {len(labels)} file(s) ({_names(labels)}) but "
+                f"data.{role}_paths to {len(paths)} volume(s) ({_names(paths)}){_twice(self.paths[role], role)}; "
+                "give one label file per volume, in the same order"
             )
+        owners: dict[Any, Any] = {}
+        for path, label in zip(paths, labels):
+            owner = owners.setdefault(label.resolve(), path)
+            if owner is not path:
+                raise ConfigurationError(
+                    f"data.label_paths.{role} gives the label file {label} for two volumes, {owner} and {path}; "
+                    f"each volume needs a label file of its own, listed in the order of data.{role}_paths"
+                )
         if self.weight_internal_path is not None:
             for label in labels:
                 if readers.volume_format(label) == "tiff":
@@ -752,7 +812,9 @@ class HDF5DataModule(pl.LightningDataModule):
             return moved
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.paths["val"] and "val" not in self.datasets:
+            return []  # no validation volumes: Lightning runs no validation
         return self._ordered("val")
 
     def test_dataloader(self) -> DataLoader:
@@ -854,6 +916,23 @@ def _check_instance_labels(volume: Volume) -> None:
             "uint32, uint64); convert them, or set data.label_transform: none for class ids"
         )
     volume.label_kind = "instances"
+
+
+def _names(paths: Sequence[Any], shown: int = 4) -> str:
+    """The first file names of a list, for a message."""
+    names = [os.path.basename(str(p)) or str(p) for p in paths[:shown]]
+    return ", ".join(names) + (f", ... ({len(paths) - shown} more)" if len(paths) > shown else "")
+
+
+def _twice(entries: Any, role: str) -> str:
+    """``"; data.train_paths lists a.h5 twice, used once"`` when the volumes of ``role`` name a file more than once
+    (they are used once, so the count of volumes is below the count of entries), else ``""``."""
+    seen: set[Any] = set()
+    for path in resolve_paths(entries, role, unique=False):
+        if path.resolve() in seen:
+            return f"; data.{role}_paths lists {path} more than once, used once"
+        seen.add(path.resolve())
+    return ""
 
 
 def _shape(value: Sequence[int] | None, name: str) -> Shape3 | None:

@@ -15,8 +15,12 @@ The format comes from the path:
   or 3); the internal path is an array of the store's group (``raw``), or for OME-Zarr (NGFF 0.4/0.5) a level of
   a multiscale image (``0``, the full resolution) or the image's group (``""`` for the root, ``labels/cells``),
   which stands for its level 0. Length-1 time and channel axes of an OME-Zarr level are dropped.
-- ``*.tif``, ``*.tiff``: TIFF; the internal path is ignored: the file's first image series is a ``(D, H, W)``
-  stack or, by its axes metadata, ``(C, D, H, W)``/``(D, C, H, W)``, read as ``(C, D, H, W)``.
+- ``*.tif``, ``*.tiff``: TIFF; the internal path is ignored: the file's image series is a ``(D, H, W)`` stack or,
+  by its axes metadata, ``(C, D, H, W)``/``(D, C, H, W)``, read as ``(C, D, H, W)``. A file of several series (several
+  images, or pages of different shapes) is refused: only one could be read.
+
+Chunks that a file does not store read as the array's fill value; :meth:`VolumeFile.missing_chunks` finds them (from
+the store's listing or HDF5's chunk index, without reading data), so that the checks can refuse or announce them.
 
 Zarr and TIFF need the optional ``formats`` extra (``pip install 'unet3d-lightning[formats]'``).
 """
@@ -28,6 +32,8 @@ import math
 import os
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +116,11 @@ class VolumeFile:
     def array(self, key: str) -> Any:
         raise NotImplementedError
 
+    def missing_chunks(self, key: str) -> MissingChunks | None:
+        """The chunks of ``array(key)`` that the file does not store, or None when it stores all of them (or has
+        no chunks: TIFF pages are always there)."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -137,6 +148,36 @@ class HDF5File(VolumeFile):
 
     def array(self, key: str) -> Any:
         return volumes._dataset(self.file, key, self.path, self.role)
+
+    def missing_chunks(self, key: str) -> MissingChunks | None:
+        view = self.array(key)
+        dataset = view.dataset if isinstance(view, volumes.OneSlice) else view
+        if dataset.chunks is None or dataset.is_virtual or dataset.external:
+            return None  # contiguous, virtual (sources checked on opening) or external storage: no chunk index
+        grid = tuple(math.ceil(n / c) for n, c in zip(dataset.shape, dataset.chunks))
+        try:
+            count = dataset.id.get_num_chunks()
+            if count == math.prod(grid):
+                return None
+            stored = np.zeros(grid, bool)
+
+            def mark(info: Any) -> None:
+                stored[tuple(o // c for o, c in zip(info.chunk_offset, dataset.chunks))] = True
+
+            if hasattr(dataset.id, "chunk_iter"):  # HDF5 >= 1.12.3: one pass over the chunk index
+                dataset.id.chunk_iter(mark)
+            else:
+                for i in range(count):
+                    mark(dataset.id.get_chunk_info(i))
+        except volumes.READ_ERRORS:
+            return None  # an unreadable chunk index: the scan that reads the data reports the damage
+        one_slice = isinstance(view, volumes.OneSlice)
+        return MissingChunks(
+            stored=stored[None] if one_slice else stored, shape=tuple(dataset.shape), chunks=tuple(dataset.chunks),
+            view_axes=((None,) if one_slice else ()) + tuple(range(dataset.ndim)), fill_value=dataset.fillvalue,
+            # HDF5 stores every chunk a writer writes, chunks of fill values too: one not stored was never written.
+            may_be_omitted=False,
+        )
 
     def __getattr__(self, name: str) -> Any:
         # The rest of h5py.File's interface (mode, id, filename), for code written against an open HDF5 file.
@@ -179,7 +220,8 @@ class ZarrFile(VolumeFile):
         except FORMAT_READ_ERRORS:
             return []  # a damaged store may not list; the message still names the missing array
 
-    def array(self, key: str) -> Any:
+    def _node(self, key: str) -> tuple[Any, str]:
+        """The ``zarr.Array`` at ``key`` (for an OME-Zarr image group: its level 0) and its path in the store."""
         import zarr
 
         node: Any = self.root
@@ -200,15 +242,52 @@ class ZarrFile(VolumeFile):
             level0 = multiscale_level0(node)
             if level0 is None:
                 raise self._missing(key, "is not a dataset", self._arrays())
-            return self.array(f"{name}/{level0}" if name else level0)
-        return _one_slice(self._squeezed(CachedChunks(node), name))
+            return self._node(f"{name}/{level0}" if name else level0)
+        return node, name
 
-    def _squeezed(self, array: Any, name: str) -> Any:
-        """A level of an OME-Zarr image viewed without its length-1 time and channel axes.
+    def array(self, key: str) -> Any:
+        node, name = self._node(key)
+        keep = self._kept_axes(node, name)
+        array: Any = CachedChunks(node)
+        if keep is not None:
+            array = _AxisView(array, keep, tuple(range(len(keep))))
+        return _one_slice(array)
+
+    def missing_chunks(self, key: str) -> MissingChunks | None:
+        """Compares the chunk files under the array's directory with the chunk grid (for a sharded array: the
+        shards, the objects the store holds); reads no chunk."""
+        node, name = self._node(key)
+        objects = tuple(int(n) for n in (node.shards or node.chunks))
+        grid = tuple(math.ceil(n / c) for n, c in zip(node.shape, objects))
+        directory = self.path / node.path if node.path else self.path
+        present = set()
+        for folder, _, files in os.walk(directory):
+            relative = Path(folder).relative_to(directory)
+            present.update((relative / f).as_posix() for f in files)
+        stored = np.zeros(grid, bool)
+        for index in itertools.product(*(range(n) for n in grid)):
+            stored[index] = node.metadata.encode_chunk_key(index) in present
+        if stored.all():
+            return None
+        keep = self._kept_axes(node, name)
+        keep = list(range(node.ndim)) if keep is None else keep
+        view = stored[tuple(slice(None) if i in keep else 0 for i in range(node.ndim))]
+        return MissingChunks(
+            stored=view[None] if view.ndim == 2 else view, shape=tuple(int(n) for n in node.shape), chunks=objects,
+            view_axes=(None,) * (view.ndim == 2) + tuple(keep), fill_value=node.fill_value,
+            encode=node.metadata.encode_chunk_key,
+            # Zarr defines a chunk that is not stored as one of fill values, and zarr-python 3 (like other writers)
+            # leaves such chunks out by default; without a fill value their content is undefined.
+            may_be_omitted=node.fill_value is not None,
+        )
+
+    def _kept_axes(self, array: Any, name: str) -> list[int] | None:
+        """The axes of a level of an OME-Zarr image that remain once its length-1 time and channel axes are
+        dropped; None to keep every axis (other arrays are read as stored).
 
         NGFF images are often 5D ``(t, c, z, y, x)`` with one time point and one channel; without those axes the
         image is the ``(D, H, W)`` volume it stands for, and a label image the ``(D, H, W)`` class ids (as a TIFF
-        stack's length-1 axes are dropped). Other arrays are returned as stored.
+        stack's length-1 axes are dropped).
         """
         parent = name.rpartition("/")[0]
         try:
@@ -216,13 +295,58 @@ class ZarrFile(VolumeFile):
             axes = _multiscales(group)[0]["axes"]
             kinds = [axis.get("type") if isinstance(axis, dict) else axis for axis in axes]
         except (TypeError, KeyError, IndexError, AttributeError):
-            return array  # not a level of a multiscale image (or one without axes): as stored
+            return None  # not a level of a multiscale image (or one without axes): as stored
         if len(kinds) != array.ndim:
-            return array
+            return None
         keep = [i for i, kind in enumerate(kinds) if kind not in ("time", "channel") or array.shape[i] != 1]
-        if len(keep) == array.ndim:
-            return array
-        return _AxisView(array, keep, tuple(range(len(keep))))
+        return None if len(keep) == array.ndim else keep
+
+
+@dataclass(frozen=True)
+class MissingChunks:
+    """The chunks of an array that its file does not store; they read as ``fill_value``.
+
+    ``stored`` flags every chunk (for a sharded Zarr array: every shard, the objects a store holds) in the axes of
+    the array as read, ``(D, H, W)`` or ``(C, D, H, W)``; ``view_axes`` gives the stored axis of each of those axes
+    (None: the added axis of a 2D image); ``shape`` and ``chunks`` are the stored array's. ``may_be_omitted``: the
+    format lets writers leave out chunks that hold only the fill value (Zarr with a fill value), so missing chunks
+    may be intended. ``encode`` gives the storage key of a chunk by its stored grid index (None: HDF5, no keys).
+    """
+
+    stored: np.ndarray
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    view_axes: tuple[int | None, ...]
+    fill_value: Any
+    may_be_omitted: bool
+    encode: Callable[[tuple[int, ...]], str] | None = None
+
+    @property
+    def count(self) -> int:
+        return int((~self.stored).sum())
+
+    @property
+    def total(self) -> int:
+        return int(self.stored.size)
+
+    @property
+    def view_chunks(self) -> tuple[int, ...]:
+        """The chunk shape in the axes of the array as read."""
+        return tuple(1 if a is None else self.chunks[a] for a in self.view_axes)
+
+    def describe(self, view_index: Sequence[int]) -> str:
+        """``"'c/0/1/0' at [0:4, 8:16, 0:8]"``: the chunk at ``view_index`` of ``stored``, by its key and the region
+        of the stored array it covers."""
+        index = [0] * len(self.shape)
+        for i, a in zip(view_index, self.view_axes):
+            if a is not None:
+                index[a] = int(i)
+        region = ", ".join(f"{i * c}:{min((i + 1) * c, n)}" for i, c, n in zip(index, self.chunks, self.shape))
+        return f"'{self.encode(tuple(index))}' at [{region}]" if self.encode else f"[{region}]"
+
+    def describe_first(self) -> str:
+        """The first missing chunk, as :meth:`describe` names it."""
+        return self.describe(np.argwhere(~self.stored)[0])
 
 
 class CachedChunks:
@@ -358,7 +482,7 @@ class _AxisView:
 
 
 class TiffFile(VolumeFile):
-    """The first image series of a TIFF file, as ``(D, H, W)`` or ``(C, D, H, W)``.
+    """The image series of a TIFF file, as ``(D, H, W)`` or ``(C, D, H, W)``; a file of several series is refused.
 
     Read lazily page by page through tifffile's Zarr view where the file allows it; otherwise (layouts the view
     does not support) read whole into memory, with a warning stating how much. Internal paths are ignored: a TIFF
@@ -396,12 +520,22 @@ class TiffFile(VolumeFile):
 
         where = f"{self.role} volume {self.path}"
         try:
-            series = self.file.series[0]
+            # Reduced-resolution copies (thumbnails, pyramid levels stored as pages of their own) repeat the image;
+            # every other series is data of its own.
+            images = [s for s in self.file.series if not s.keyframe.is_reduced]
+            series = images[0]
             shape, axes = tuple(int(n) for n in series.shape), series.axes.upper()
         except (IndexError,) + FORMAT_READ_ERRORS as err:
             raise ConfigurationError(
                 f"{where}: holds no readable image ({volumes.error_summary(err)}); it may be truncated"
             ) from None
+        if len(images) > 1:
+            shapes = ", ".join(f"{tuple(int(n) for n in s.shape)} {s.axes.upper()}" for s in images)
+            raise ConfigurationError(
+                f"{where}: the TIFF file holds {len(images)} image series ({shapes}): several images, or pages of "
+                "different shapes; one volume is read per file and the others would be left out: split the file, "
+                "one series per file (e.g. tifffile.imwrite(f'part{i}.tif', tifffile.imread(path, series=i)))"
+            )
         # Length-1 axes other than y, x (a single time point, a single channel) carry no information.
         keep = [i for i, (n, a) in enumerate(zip(shape, axes)) if n > 1 or a in "YX"]
         kept_axes = "".join(axes[i] for i in keep)

@@ -21,11 +21,12 @@ from __future__ import annotations
 import glob
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -109,16 +110,24 @@ def is_lock_error(err: BaseException) -> bool:
     return isinstance(err, BlockingIOError) or "unable to lock file" in str(err).lower()
 
 
-def resolve_paths(entries: Sequence[str | os.PathLike] | str | os.PathLike | None, role: str) -> list[Path]:
+def resolve_paths(
+    entries: Sequence[str | os.PathLike] | str | os.PathLike | None, role: str, *, unique: bool = True
+) -> list[Path]:
     """Expand files, directories and glob patterns, in a stable order.
 
     A directory is a volume when it is a Zarr store (``*.zarr``, or holding ``zarr.json``/``.zgroup``/``.zarray``);
     any other directory stands for the volumes inside it: its HDF5 (``.h5``/``.hdf5``/``.hdf``) and TIFF
-    (``.tif``/``.tiff``) files and its Zarr stores. A glob pattern matches files and Zarr stores.
+    (``.tif``/``.tiff``) files and its Zarr stores. A glob pattern selects the same kinds of volumes among its
+    matches (a ``README.txt`` beside the volumes is left out, as a directory scan leaves it out); a file named on
+    its own is read whatever its suffix (as HDF5 unless it is TIFF or Zarr).
 
     Args:
-        entries: one path or pattern, a list of them, or None (no volumes).
-        role: ``"train"``, ``"val"``, ``"test"`` or ``"predict"``, for the error messages.
+        entries: one path or pattern (a string, as typed on the command line: ``vol.h5``, ``data/train/``,
+            ``'data/*.h5'``), a list of them, or None (no volumes).
+        role: ``"train"``, ``"val"``, ``"test"`` or ``"predict"`` (or ``"label_paths.train"``...), for the error
+            messages.
+        unique: keep a file listed twice once. Default True; False keeps every listing (to pair label files with
+            volumes by position).
 
     A name that exists (a file or a directory) is taken as it is, even when it holds glob characters (``[``, ``]``,
     ``*``, ``?``): ``scan[1].h5`` is that file, not ``scan1.h5``. Only a name that does not exist is a pattern.
@@ -128,46 +137,58 @@ def resolve_paths(entries: Sequence[str | os.PathLike] | str | os.PathLike | Non
         twice (also through different spellings of its path) is kept once, at its first place.
 
     Raises:
-        ConfigurationError: a path that does not exist, a pattern that matches no file, a directory holding no
-        volume.
+        ConfigurationError: a path that does not exist, an empty path, a pattern that matches no volume, a directory
+        holding no volume.
     """
     if entries is None:
         return []
     if isinstance(entries, (str, os.PathLike)):
-        entries = [entries]
+        # One path is one entry (never its characters); an empty string is no path at all.
+        entries = [entries] if str(entries) else []
+    suffixes = ", ".join(HDF5_SUFFIXES + readers.ZARR_SUFFIXES + readers.TIFF_SUFFIXES)
     paths: list[Path] = []
     for entry in entries:
         text = os.path.expanduser(str(entry))
+        if not text:
+            raise ConfigurationError(f"{role}_paths holds an empty path")
         # A path that exists is taken as it is, even when its name holds [ ] * ? (a folder "scan [1]").
         if glob.has_magic(text) and not os.path.lexists(text):
-            matches = sorted(
-                Path(p) for p in glob.glob(text, recursive=True)
-                if Path(p).is_file() or readers.volume_format(p) == "zarr"
-            )
+            found = sorted(Path(p) for p in glob.glob(text, recursive=True))
+            matches = [p for p in found if readers.is_volume(p)]
+            # With "**" a pattern also matches the arrays inside a Zarr store; the store is the volume.
+            stores = {p for p in matches if p.is_dir()}
+            matches = [p for p in matches if not any(parent in stores for parent in p.parents)]
             if not matches:
-                raise ConfigurationError(f"{role}_paths: the pattern {text!r} matched no file")
+                if not found:
+                    raise ConfigurationError(f"{role}_paths: the pattern {text!r} matched no file")
+                names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+                raise ConfigurationError(
+                    f"{role}_paths: the pattern {text!r} matched {len(found)} path(s) ({names}) but no volume: a "
+                    f"pattern selects HDF5 files, Zarr stores and TIFF files ({suffixes}), as a directory scan "
+                    "does; name a file of another suffix on its own to read it as HDF5"
+                )
             paths.extend(matches)
         elif Path(text).is_dir() and readers.volume_format(text) != "zarr":
             matches = sorted(p for p in Path(text).iterdir() if readers.is_volume(p))
             if not matches:
-                suffixes = HDF5_SUFFIXES + readers.ZARR_SUFFIXES + readers.TIFF_SUFFIXES
                 raise ConfigurationError(
-                    f"{role}_paths: the directory {text} holds no HDF5 file, Zarr store or TIFF file "
-                    f"({', '.join(suffixes)})"
+                    f"{role}_paths: the directory {text} holds no HDF5 file, Zarr store or TIFF file ({suffixes})"
                 )
             paths.extend(matches)
         elif Path(text).exists():
             paths.append(Path(text))
         else:
             raise ConfigurationError(f"{role} volume {text}: file does not exist")
+    if not unique:
+        return paths
     seen: set[Path] = set()
-    unique = []
+    kept = []
     for p in paths:
         key = p.resolve()
         if key not in seen:
             seen.add(key)
-            unique.append(p)
-    return unique
+            kept.append(p)
+    return kept
 
 
 @dataclass(frozen=True)
@@ -508,12 +529,109 @@ def _percentile_step(shape: tuple[int, int, int]) -> int:
     return max(1, math.ceil((d * h * w / PERCENTILE_SAMPLES) ** (1 / 3)))
 
 
+MissingChunksPolicy = Literal["auto", "error", "fill"]
+MISSING_CHUNKS_POLICIES = ("auto", "error", "fill")
+
+
+class ChunkAudit:
+    """What to do with the chunks an array's file does not store (``data.missing_chunks``), which every reader
+    returns as the array's fill value without a word.
+
+    ``"error"``: refuse the array. ``"fill"``: read them as the fill value, with one warning. ``"auto"``: refuse
+    them unless they can be the writer's intent: Zarr lets writers leave out a chunk that holds only the fill value
+    (zarr-python 3 does so by default, as does this package's Zarr output), so the chunks an array lacks are read as
+    its fill value, with one warning, unless the array shows that its writer stores such chunks (it holds a stored
+    chunk of only fill values: the missing ones were lost), or has no fill value (their content is undefined).
+    HDF5 stores every chunk its writer writes, fill values or not, so a chunk it lacks was never written: refused.
+
+    Created before the scan (refusals that need no data are raised there); :meth:`update` sees each slab the scan
+    reads, :meth:`finish` decides at its end.
+
+    Args:
+        missing: from :meth:`~unet3d_lightning.data.readers.VolumeFile.missing_chunks`; None: nothing to audit.
+        where: the file and dataset, as messages name them.
+        policy: ``"auto"``, ``"error"`` or ``"fill"``.
+    """
+
+    def __init__(self, missing: readers.MissingChunks | None, where: str, policy: str) -> None:
+        self.missing = missing
+        self.where = where
+        self.holds_data: np.ndarray | None = None  # per stored chunk: a value other than the fill value seen
+        if missing is None:
+            return
+        m = missing
+        # zarr reads the chunks of an array without a fill value as 0
+        value = 0 if m.fill_value is None else getattr(m.fill_value, "item", lambda: m.fill_value)()
+        self.fill = f"{value:g}" if isinstance(value, float) else str(value)
+        self.head = f"{where} lacks {m.count} of {m.total} chunk(s) (the first {m.describe_first()})"
+        self.fix = (f"restore them (an interrupted write or copy?), or set data.missing_chunks: fill to read them as "
+                    f"{self.fill}")
+        if policy == "fill":
+            self._warn(f"{self.head}; they are read as the fill value {self.fill} (data.missing_chunks: fill)")
+        elif policy == "error":
+            raise ConfigurationError(f"{self.head}, which would be read as the fill value {self.fill}; {self.fix}")
+        elif not m.may_be_omitted:
+            why = ("HDF5 stores every chunk that is written, so these were never written"
+                   if m.encode is None else "the array has no fill value, so their content is undefined")
+            raise ConfigurationError(f"{self.head}: {why}; {self.fix}")
+        else:
+            self.holds_data = np.zeros(m.stored.shape, bool)
+
+    @property
+    def watching(self) -> bool:
+        """Whether :meth:`update` needs the array's slabs."""
+        return self.holds_data is not None
+
+    def update(self, block: np.ndarray, zs: slice) -> None:
+        """Note which chunks of the slab ``block`` (the array's z rows ``zs``) hold a value other than the fill
+        value."""
+        if self.holds_data is None:
+            return
+        fill = self.missing.fill_value  # type: ignore[union-attr]
+        isnan = isinstance(fill, float) and math.isnan(fill)
+        flags = ~np.isnan(block) if isnan else block != fill
+        index = []
+        for axis, size in enumerate(self.missing.view_chunks):  # type: ignore[union-attr]
+            start = zs.start if axis == block.ndim - 3 else 0
+            positions = start + np.arange(flags.shape[axis])
+            cuts = np.flatnonzero((positions % size == 0) | (positions == start))
+            flags = np.logical_or.reduceat(flags, cuts, axis=axis)
+            index.append(slice(start // size, start // size + len(cuts)))
+        self.holds_data[tuple(index)] |= flags
+
+    def finish(self) -> None:
+        """After the scan: refuse the array when a stored chunk held only fill values, else warn."""
+        if self.holds_data is None:
+            return
+        empty = self.missing.stored & ~self.holds_data  # type: ignore[union-attr]
+        if empty.any():
+            raise ConfigurationError(
+                f"{self.head}, but it stores chunks that hold only the fill value {self.fill} (the first "
+                f"{self.missing.describe(np.argwhere(empty)[0])}): its writer keeps such chunks, so the missing ones "
+                f"were lost; {self.fix}"
+            )
+        self._warn(
+            f"{self.head}; they are read as the fill value {self.fill}, as Zarr defines for the chunks that writers "
+            "(zarr-python 3 by default) leave out because they hold only that value; if they were lost instead, "
+            "restore them (data.missing_chunks: error refuses such arrays)"
+        )
+
+    @staticmethod
+    def _warn(message: str) -> None:
+        warnings.warn(message, MissingChunksWarning, stacklevel=4)
+
+
+class MissingChunksWarning(UserWarning):
+    """Chunks that an input array's file does not store are read as its fill value."""
+
+
 def scan_volume(
     volume: Volume,
     *,
     out_channels: int | None = None,
     ignore_index: int | None = None,
     percentiles: tuple[float, float] | None = None,
+    missing_chunks: MissingChunksPolicy = "auto",
 ) -> Volume:
     """Read a volume once, z-slab by z-slab: intensity statistics, and the checks that need voxel values.
 
@@ -522,10 +640,12 @@ def scan_volume(
         out_channels: the model's output channels. Default None: skip the label-value checks (no model known).
         ignore_index: label value allowed besides the classes / mask values. Default None.
         percentiles: ``(low, high)`` percentiles to estimate per channel. Default None: none.
+        missing_chunks: what to do with chunks an array's file does not store (see :class:`ChunkAudit`):
+            ``"auto"``, ``"error"`` or ``"fill"``. Default ``"auto"``.
 
     Checks: raw free of NaN and Inf; class-id labels whole numbers in ``[0, out_channels)`` besides ``ignore_index``;
     binary labels with ``out_channels`` channels and values in {0, 1} besides ``ignore_index``; weights finite and
-    non-negative; every slab readable.
+    non-negative; every slab readable; every chunk stored, or its absence accepted by ``missing_chunks``.
 
     Statistics (per channel ``c``, ``n`` voxels): ``mean_c = Σ x / n`` and ``std_c = sqrt(Σ (x - mean_c)² / n)``
     (population standard deviation), accumulated per slab in float64 and merged with the pairwise update of Chan,
@@ -546,6 +666,10 @@ def scan_volume(
         raw = f.array(raw_key)
         label = labels.array(label_key) if label_key else None
         weight = labels.array(weight_key) if weight_key else None
+        # Before any voxel is read: a refused array costs only the listing of its chunks.
+        audits = {kind: ChunkAudit(file.missing_chunks(key), volume.describe(key, kind), missing_chunks)
+                  for kind, file, key in (("raw", f, raw_key), ("label", labels, label_key),
+                                          ("weight", labels, weight_key)) if key}
         if label is not None and volume.label_kind == "binary" and out_channels is not None:
             if volume.label_channels != out_channels:
                 raise ConfigurationError(
@@ -554,6 +678,7 @@ def scan_volume(
                 )
         for zs in _blocks(volume.spatial_shape, c):
             block = _read(raw, zs, volume, raw_key)
+            audits["raw"].update(block, zs)
             spatial = block if volume.raw_is_4d else block[None]
             rows = f"z rows {zs.start}-{zs.stop - 1}"
             check_float32_values(spatial, volume.describe(raw_key), rows, "clean or mask the raw data first")
@@ -571,10 +696,17 @@ def scan_volume(
             m2 += block_m2 + delta**2 * (count * n / total)
             count = total
             del values
-            if label is not None and out_channels is not None:
-                _check_label_block(volume, _read(label, zs, volume, label_key, "label"), out_channels, ignore_index)
+            if label is not None and (out_channels is not None or audits["label"].watching):
+                label_block = _read(label, zs, volume, label_key, "label")
+                audits["label"].update(label_block, zs)
+                if out_channels is not None:
+                    _check_label_block(volume, label_block, out_channels, ignore_index)
             if weight is not None:
-                _check_weight_block(volume, _read(weight, zs, volume, weight_key, "weight"), zs)
+                weight_block = _read(weight, zs, volume, weight_key, "weight")
+                audits["weight"].update(weight_block, zs)
+                _check_weight_block(volume, weight_block, zs)
+        for audit in audits.values():
+            audit.finish()
     std = np.sqrt(m2 / count)
     low: tuple[float, ...] = ()
     high: tuple[float, ...] = ()
