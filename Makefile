@@ -20,7 +20,7 @@ $(INSTALLED): pyproject.toml constraints.txt
 install: $(INSTALLED)
 
 data: $(INSTALLED)
-	$(BIN)/python -m unet3d_lightning.data.demo data
+	$(BIN)/python -m unet3d_lightning.demo spheres data
 
 demo: data
 	rm -rf $(DEMO_RUN)

@@ -4,9 +4,9 @@ Writes a chunked ``size³`` float32 raw volume and a uint8 label volume (one HDF
 same chunks and compression in a Zarr v3 store, in a temporary directory unless ``--data-dir`` is given), then
 measures
 
-1. training patches per second from :class:`~unet3d_lightning.HDF5DataModule` (strided ``patch³`` patches, shuffled,
-   augmentation on) with each of ``--workers`` DataLoader workers, plus one row without augmentation that shows the
-   cost of reading and normalising alone, for each of ``--formats``;
+1. training patches per second from :class:`~unet3d_lightning.VolumeDataModule` (strided ``patch³`` patches,
+   shuffled, augmentation on) with each of ``--workers`` DataLoader workers, plus one row without augmentation that
+   shows the cost of reading and normalising alone, for each of ``--formats``;
 2. the time of one training step of a small :class:`~unet3d_lightning.UNet3DModule` (``--f-maps``, ``--levels``,
    ``--batch-size``) fed (a) by the HDF5 loader and (b) by the very same batches held in memory as tensors. Both use
    the same plain loop (forward, loss, backward, Adam step), so the ratio ``(a) / (b)`` is the loader's overhead on
@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 import torch
 
-from unet3d_lightning import HDF5DataModule, UNet3DModule
+from unet3d_lightning import UNet3DModule, VolumeDataModule
 from unet3d_lightning.data.transforms import Augmentation
 
 
@@ -104,8 +104,8 @@ def copy_to_zarr(source: Path, path: Path, compression: str) -> None:
     tmp.rename(path)
 
 
-def datamodule(path: Path, args: argparse.Namespace, workers: int, augmentation: Augmentation) -> HDF5DataModule:
-    dm = HDF5DataModule(
+def datamodule(path: Path, args: argparse.Namespace, workers: int, augmentation: Augmentation) -> VolumeDataModule:
+    dm = VolumeDataModule(
         train_paths=[str(path)], val_paths=[str(path)], train_patch_shape=(args.patch,) * 3,
         batch_size=args.batch_size, num_workers=workers, augmentation=augmentation, seed=args.seed,
     )
@@ -114,7 +114,7 @@ def datamodule(path: Path, args: argparse.Namespace, workers: int, augmentation:
 
 
 # --------------------------------------------------------------------------------------------- measurements
-def loader_throughput(dm: HDF5DataModule, batches: int, warmup: int) -> float:
+def loader_throughput(dm: VolumeDataModule, batches: int, warmup: int) -> float:
     """Patches per second over ``batches`` batches, after ``warmup`` untimed ones (worker start-up, first opens)."""
     iterator = iter(dm.train_dataloader())
     for _ in range(warmup):

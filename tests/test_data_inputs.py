@@ -22,9 +22,10 @@ import zarr
 
 from conftest import write_h5
 from unet3d_lightning.cli import main
-from unet3d_lightning.data.datamodule import HDF5DataModule
-from unet3d_lightning.data.demo_cells import cells_volume
-from unet3d_lightning.data.volumes import MissingChunksWarning, resolve_paths
+from unet3d_lightning.data.datamodule import VolumeDataModule
+from unet3d_lightning.data.io import MissingChunksWarning
+from unet3d_lightning.data.volumes import resolve_paths
+from unet3d_lightning.demo.cells import cells_volume
 from unet3d_lightning.errors import ConfigurationError
 from unet3d_lightning.instances import WatershedOptions
 
@@ -79,7 +80,7 @@ def predict_args(checkpoint: Path, paths: str, out: Path, *extra: str) -> list[s
             "--prediction.output_dir", str(out), "--trainer.enable_progress_bar", "false", *extra]
 
 
-def attach_model(dm: HDF5DataModule, out_channels: int = 2) -> None:
+def attach_model(dm: VolumeDataModule, out_channels: int = 2) -> None:
     model = types.SimpleNamespace(in_channels=1, out_channels=out_channels, ignore_index=None)
     dm.trainer = types.SimpleNamespace(lightning_module=model, world_size=1, global_rank=0)
 
@@ -145,7 +146,7 @@ def test_a_pattern_selects_the_volumes_a_directory_scan_selects(tmp_path):
 
 # --------------------------------------------------------------------------------------------- TIFF series
 def predict_setup_error(path: Path, **kwargs) -> str:
-    dm = HDF5DataModule(predict_paths=str(path), predict_patch_shape=(4, 8, 8), num_workers=0, **kwargs)
+    dm = VolumeDataModule(predict_paths=str(path), predict_patch_shape=(4, 8, 8), num_workers=0, **kwargs)
     with pytest.raises(ConfigurationError) as info:
         dm.setup("predict")
     message = str(info.value)
@@ -174,7 +175,7 @@ def test_a_tiff_of_several_series_or_ragged_pages_is_refused_naming_them(tmp_pat
     with tifffile.TiffWriter(thumbnail) as tif:
         tif.write(noise(), metadata=None, contiguous=False)
         tif.write(noise((8, 8)), subfiletype=1, metadata=None)
-    dm = HDF5DataModule(predict_paths=str(thumbnail), predict_patch_shape=(4, 8, 8), num_workers=0)
+    dm = VolumeDataModule(predict_paths=str(thumbnail), predict_patch_shape=(4, 8, 8), num_workers=0)
     dm.setup("predict")
     assert dm.volumes["predict"][0].spatial_shape == SHAPE
 
@@ -204,8 +205,8 @@ def test_missing_raw_chunk_at_predict_by_policy(tmp_path, zarr_format):
     assert f"'{key}' at [4:8, 0:8, 0:8]" in message and "data.missing_chunks: fill" in message
 
     for policy in ("fill", "auto"):  # auto: nothing shows that the writer kept chunks of fill values
-        dm = HDF5DataModule(predict_paths=str(path), predict_patch_shape=(4, 8, 8), num_workers=0,
-                            missing_chunks=policy)
+        dm = VolumeDataModule(predict_paths=str(path), predict_patch_shape=(4, 8, 8), num_workers=0,
+                              missing_chunks=policy)
         with pytest.warns(MissingChunksWarning) as record:
             dm.setup("predict")
         assert len(record) == 1
@@ -235,8 +236,8 @@ def test_missing_label_chunks_at_fit_refused_when_the_writer_keeps_empty_chunks(
     group.create_array("label", data=label, chunks=(4, 8, 8), config={"write_empty_chunks": True})
     assert chunk_file(tmp_path / "v.zarr", "label", 2, (0, 0, 0)).is_file()
     chunk_file(tmp_path / "v.zarr", "label", 2, (1, 1, 1)).unlink()
-    dm = HDF5DataModule(train_paths=str(tmp_path / "v.zarr"), val_paths=str(tmp_path / "v.zarr"),
-                        train_patch_shape=(4, 8, 8), num_workers=0)
+    dm = VolumeDataModule(train_paths=str(tmp_path / "v.zarr"), val_paths=str(tmp_path / "v.zarr"),
+                          train_patch_shape=(4, 8, 8), num_workers=0)
     attach_model(dm)
     with pytest.raises(ConfigurationError) as info:
         dm.setup("fit")
@@ -256,8 +257,8 @@ def test_labels_whose_writer_left_out_background_chunks_are_read_right(tmp_path)
     write_h5(tmp_path / "v.h5", raw=raw, label=label)
 
     def patches(path, **kwargs):
-        dm = HDF5DataModule(train_paths=str(path), val_paths=str(path), train_patch_shape=(4, 8, 8), num_workers=0,
-                            seed=1, **kwargs)
+        dm = VolumeDataModule(train_paths=str(path), val_paths=str(path), train_patch_shape=(4, 8, 8), num_workers=0,
+                              seed=1, **kwargs)
         attach_model(dm)
         dm.setup("fit")
         return list(dm.train_dataloader())
@@ -278,11 +279,11 @@ def test_hdf5_chunks_never_written_are_refused_unless_filled(tmp_path):
     message = predict_setup_error(path)
     assert f"predict volume {path}: dataset 'raw' lacks 4 of 8 chunk(s) (the first [4:8, 0:8, 0:8])" in message
     assert "never written" in message
-    dm = HDF5DataModule(predict_paths=str(path), predict_patch_shape=(4, 8, 8), num_workers=0, missing_chunks="fill")
+    dm = VolumeDataModule(predict_paths=str(path), predict_patch_shape=(4, 8, 8), num_workers=0, missing_chunks="fill")
     with pytest.warns(MissingChunksWarning, match=r"lacks 4 of 8 chunk\(s\).*fill value 0"):
         dm.setup("predict")
     with pytest.raises(ConfigurationError, match="data.missing_chunks 'ignore' is not one of auto, error, fill"):
-        HDF5DataModule(missing_chunks="ignore")
+        VolumeDataModule(missing_chunks="ignore")
 
 
 def test_missing_chunks_setting_through_the_cli(tmp_path, boundary_model, capsys):
@@ -302,8 +303,8 @@ def test_a_label_file_given_for_two_volumes_is_named_with_both(tmp_path):
     tifffile.imwrite(a, raw)
     tifffile.imwrite(b, raw)
     labels = write_h5(tmp_path / "labels.h5", label=label)
-    dm = HDF5DataModule(train_paths=[str(a), str(b)], val_paths=str(a), train_patch_shape=(4, 8, 8),
-                        label_paths={"train": [str(labels), str(labels)], "val": str(labels)}, num_workers=0)
+    dm = VolumeDataModule(train_paths=[str(a), str(b)], val_paths=str(a), train_patch_shape=(4, 8, 8),
+                          label_paths={"train": [str(labels), str(labels)], "val": str(labels)}, num_workers=0)
     with pytest.raises(ConfigurationError) as info:
         dm.setup("fit")
     message = str(info.value)
@@ -311,9 +312,9 @@ def test_a_label_file_given_for_two_volumes_is_named_with_both(tmp_path):
     assert "data.label_paths.train" in message
 
     # a volume listed twice is used once: the count says why the lists differ
-    dm = HDF5DataModule(train_paths=[str(a), str(a)], val_paths=str(a), train_patch_shape=(4, 8, 8),
-                        label_paths={"train": [str(labels), str(tmp_path / "labels.h5")], "val": str(labels)},
-                        num_workers=0)
+    dm = VolumeDataModule(train_paths=[str(a), str(a)], val_paths=str(a), train_patch_shape=(4, 8, 8),
+                          label_paths={"train": [str(labels), str(tmp_path / "labels.h5")], "val": str(labels)},
+                          num_workers=0)
     with pytest.raises(ConfigurationError) as info:
         dm.setup("fit")
     message = str(info.value)

@@ -1,4 +1,4 @@
-"""Tests of HDF5DataModule: inputs of every layout, normalisation, foreground filtering, the prediction dataset,
+"""Tests of VolumeDataModule: inputs of every layout, normalisation, foreground filtering, the prediction dataset,
 determinism (seeds, worker counts, in-memory), and safe file handling (read-only, no handle shared across fork)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 import pickle
 import types
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -21,14 +22,15 @@ from torch.utils.data import DataLoader, Dataset
 from conftest import blob_volume, write_h5
 from unet3d_lightning import UNet3DModule
 from unet3d_lightning.data import datamodule as datamodule_module
-from unet3d_lightning.data.datamodule import HDF5DataModule, PredictDataset
+from unet3d_lightning.data.datamodule import VolumeDataModule
+from unet3d_lightning.data.datasets import PredictDataset
 from unet3d_lightning.data.transforms import Augmentation
 from unet3d_lightning.errors import ConfigurationError
 
 NO_AUGMENTATION = Augmentation(flip=False, rotate90=False, intensity=False, noise_sigma=0.0)
 
 
-def attach_model(dm: HDF5DataModule, in_channels: int = 1, out_channels: int = 2, ignore_index=None) -> None:
+def attach_model(dm: VolumeDataModule, in_channels: int = 1, out_channels: int = 2, ignore_index=None) -> None:
     """What setup reads from a trainer: the attached model's channel counts and ignore_index."""
     model = types.SimpleNamespace(in_channels=in_channels, out_channels=out_channels, ignore_index=ignore_index)
     dm.trainer = types.SimpleNamespace(lightning_module=model, world_size=1, global_rank=0)
@@ -56,7 +58,7 @@ def test_files_directories_globs_and_custom_internal_paths(tmp_path, h5_writer):
         arrays.append((raw, label))
         h5_writer(tmp_path / name, **{"volumes/raw": raw, "volumes/labels": label})
     (tmp_path / "d" / "notes.txt").write_text("not a volume")
-    dm = HDF5DataModule(
+    dm = VolumeDataModule(
         train_paths=[str(tmp_path / "d"), str(tmp_path / "g" / "*.h5")], val_paths=[str(tmp_path / "g" / "three.h5")],
         raw_internal_path="volumes/raw", label_internal_path="volumes/labels", train_patch_shape=(4, 8, 8),
         train_stride_shape=(3, 4, 4), normalization="none", augmentation=NO_AUGMENTATION, num_workers=0,
@@ -82,7 +84,7 @@ def test_4d_raw_with_matching_in_channels(tmp_path, h5_writer):
     raw, label = blob_volume((8, 12, 12), seed=3, channels=3)
     raw[2] += 100.0  # channels with different offsets and spreads: statistics must be per channel
     path = h5_writer(tmp_path / "a.h5", raw=raw, label=label)
-    dm = HDF5DataModule(
+    dm = VolumeDataModule(
         train_paths=[str(path)], val_paths=[str(path)], train_patch_shape=(4, 8, 8), augmentation=NO_AUGMENTATION,
         num_workers=0,
     )
@@ -107,7 +109,7 @@ def test_per_voxel_weights_are_read_as_float32(tmp_path, h5_writer, four_d):
     else:
         weight = rng.uniform(0, 3, (8, 12, 12))  # float64 in the file
     path = h5_writer(tmp_path / "a.h5", raw=raw, label=label, pixel_weight=weight)
-    dm = HDF5DataModule(
+    dm = VolumeDataModule(
         train_paths=[str(path)], val_paths=[str(path)], weight_internal_path="pixel_weight",
         train_patch_shape=(4, 8, 8), augmentation=NO_AUGMENTATION, num_workers=0,
     )
@@ -127,7 +129,7 @@ def test_per_voxel_weights_are_read_as_float32(tmp_path, h5_writer, four_d):
 def whole_volume(tmp_path, h5_writer, raw: np.ndarray, **kwargs) -> np.ndarray:
     """The predict dataset's single patch when the patch is the whole volume: the volume as the model sees it."""
     path = h5_writer(tmp_path / "v.h5", raw=raw)
-    dm = HDF5DataModule(predict_paths=[str(path)], predict_patch_shape=raw.shape[-3:], num_workers=0, **kwargs)
+    dm = VolumeDataModule(predict_paths=[str(path)], predict_patch_shape=raw.shape[-3:], num_workers=0, **kwargs)
     dm.setup("predict")
     dataset = dm.datasets["predict"]
     assert len(dataset) == 1
@@ -167,12 +169,12 @@ def grid_starts(shape, patch, stride):
     return list(itertools.product(*(range(0, s - p + 1, t) for s, p, t in zip(shape, patch, stride))))
 
 
-def kept_starts(dm: HDF5DataModule) -> set:
+def kept_starts(dm: VolumeDataModule) -> set:
     return {tuple(s.start for s in slices) for _, slices in dm.datasets["train"].locations}
 
 
 def filtered(path, threshold, share=0.0, seed=0, ignore_index=None, patch=(4, 8, 8), stride=(2, 4, 4)):
-    dm = HDF5DataModule(
+    dm = VolumeDataModule(
         train_paths=[str(path)], val_paths=[str(path)], train_patch_shape=patch, train_stride_shape=stride,
         min_foreground_fraction=threshold, empty_patch_keep_share=share, seed=seed, num_workers=0,
     )
@@ -248,8 +250,8 @@ def test_predict_dataset_covers_pads_orders_and_locates_patches(tmp_path, h5_wri
     shapes = [(10, 20, 17), (3, 20, 5)]  # the second is smaller than the patch along z and x
     raws = [rng.normal(3, 2, shape).astype(np.float32) for shape in shapes]
     paths = [h5_writer(tmp_path / f"p{i}.h5", raw=raw) for i, raw in enumerate(raws)]
-    dm = HDF5DataModule(predict_paths=[str(p) for p in paths], predict_patch_shape=patch,
-                        predict_stride_shape=stride, num_workers=0)
+    dm = VolumeDataModule(predict_paths=[str(p) for p in paths], predict_patch_shape=patch,
+                          predict_stride_shape=stride, num_workers=0)
     dm.setup("predict")
     dataset = dm.datasets["predict"]
     assert isinstance(dataset, PredictDataset)
@@ -282,14 +284,14 @@ def test_predict_dataset_covers_pads_orders_and_locates_patches(tmp_path, h5_wri
 
 def test_predict_without_patch_shape_is_an_error(tmp_path, h5_writer):
     path = h5_writer(tmp_path / "a.h5", raw=np.zeros((4, 4, 4), np.float32))
-    dm = HDF5DataModule(predict_paths=[str(path)], num_workers=0)
+    dm = VolumeDataModule(predict_paths=[str(path)], num_workers=0)
     with pytest.raises(ConfigurationError, match="predict_patch_shape"):
         dm.setup("predict")
 
 
 # --------------------------------------------------------------------------------------------- determinism
-def make_training(files, seed=0, workers=0, in_memory=False, augmentation=None) -> HDF5DataModule:
-    dm = HDF5DataModule(
+def make_training(files, seed=0, workers=0, in_memory=False, augmentation=None) -> VolumeDataModule:
+    dm = VolumeDataModule(
         train_paths=[str(files["train_0"]), str(files["train_1"])], val_paths=[str(files["val_0"])],
         train_patch_shape=(4, 8, 8), train_stride_shape=(4, 8, 8), batch_size=3, num_workers=workers, seed=seed,
         augmentation=augmentation or Augmentation(elastic=True, elastic_spacing=4), in_memory=in_memory,
@@ -299,7 +301,7 @@ def make_training(files, seed=0, workers=0, in_memory=False, augmentation=None) 
     return dm
 
 
-def epochs_of_batches(dm: HDF5DataModule, epochs: int = 2) -> list[list[dict]]:
+def epochs_of_batches(dm: VolumeDataModule, epochs: int = 2) -> list[list[dict]]:
     loader = dm.train_dataloader()
     assert loader.persistent_workers == (dm.num_workers > 0)
     out = []
@@ -410,8 +412,8 @@ def test_files_are_scanned_once_whatever_roles_and_stages_use_them(blob_files, m
     monkeypatch.setattr(datamodule_module, "scan_volume",
                         lambda volume, **kw: calls.append(volume.path) or real(volume, **kw))
     path = str(blob_files["train_0"])
-    dm = HDF5DataModule(train_paths=[path], val_paths=[path], test_paths=[path], train_patch_shape=(4, 8, 8),
-                        num_workers=0)
+    dm = VolumeDataModule(train_paths=[path], val_paths=[path], test_paths=[path], train_patch_shape=(4, 8, 8),
+                          num_workers=0)
     attach_model(dm)
     dm.setup("fit")
     dm.setup("validate")
@@ -431,7 +433,7 @@ def quiet_trainer() -> pl.Trainer:
 
 
 def test_fit_with_a_real_module(blob_files):
-    dm = HDF5DataModule(
+    dm = VolumeDataModule(
         train_paths=[str(blob_files["train_0"]), str(blob_files["train_1"])], val_paths=[str(blob_files["val_0"])],
         train_patch_shape=(8, 16, 16), batch_size=2, num_workers=0, seed=1,
     )
@@ -445,7 +447,7 @@ def test_data_errors_stop_fit_before_training(tmp_path, h5_writer):
     raw, label = blob_volume(seed=0)
     label[0, 0, 0] = 2
     path = h5_writer(tmp_path / "bad.h5", raw=raw, label=label)
-    dm = HDF5DataModule(train_paths=[str(path)], val_paths=[str(path)], train_patch_shape=(8, 16, 16), num_workers=0)
+    dm = VolumeDataModule(train_paths=[str(path)], val_paths=[str(path)], train_patch_shape=(8, 16, 16), num_workers=0)
     trainer = quiet_trainer()
     with pytest.raises(ConfigurationError, match=r"bad\.h5: dataset 'label' holds class id 2"):
         trainer.fit(tiny_model(out_channels=2), dm)
@@ -471,7 +473,7 @@ def logged_fit(files, root, max_steps, ckpt_path=None, save_every=None, workers=
     trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                          default_root_dir=str(root), callbacks=callbacks)
-    dm = HDF5DataModule(
+    dm = VolumeDataModule(
         train_paths=[str(files["train_0"]), str(files["train_1"])], val_paths=[str(files["val_0"])],
         train_patch_shape=(8, 16, 16), train_stride_shape=(8, 8, 8), batch_size=2, num_workers=workers, seed=5,
     )  # 2 x 8 patches in batches of 2: 8 steps per epoch
@@ -509,7 +511,65 @@ def test_resumed_fit_trains_on_the_batches_of_an_uninterrupted_one(uninterrupted
 
 def test_augmentation_hyperparameter_round_trips_as_a_dict(blob_files):
     augmentation = Augmentation(elastic=True, noise_sigma=0.2)
-    dm = HDF5DataModule(train_paths=[str(blob_files["train_0"])], augmentation=augmentation)
+    dm = VolumeDataModule(train_paths=[str(blob_files["train_0"])], augmentation=augmentation)
     stored = dict(dm.hparams)
     assert stored["augmentation"] == dataclasses.asdict(augmentation)
-    assert HDF5DataModule(**stored).augmentation == augmentation
+    assert VolumeDataModule(**stored).augmentation == augmentation
+
+
+# --------------------------------------------------------------------------------------------- earlier names
+TESTS = Path(__file__).resolve().parent
+EARLIER_CHECKPOINTS = [TESTS / "data" / "unet_checkpoint_v0" / "model.ckpt",
+                       *sorted((TESTS / "fixtures" / "checkpoints").glob("*/model.ckpt"))]
+
+
+def test_hdf5_datamodule_is_the_volume_datamodule():
+    """The name of earlier versions is the same class object, so LightningCLI, isinstance checks and pickles that
+    name it keep working."""
+    import unet3d_lightning
+
+    assert unet3d_lightning.HDF5DataModule is unet3d_lightning.VolumeDataModule is VolumeDataModule
+    assert datamodule_module.HDF5DataModule is VolumeDataModule
+    assert pickle.loads(pickle.dumps(datamodule_module.HDF5DataModule)) is VolumeDataModule
+
+
+@pytest.mark.parametrize("checkpoint", EARLIER_CHECKPOINTS, ids=lambda p: p.parent.name)
+def test_checkpoints_of_earlier_versions_rebuild_their_datamodule(checkpoint):
+    """Checkpoints record the DataModule's settings (``datamodule_hyper_parameters``), not its class name: those
+    written by earlier versions, with HDF5DataModule, rebuild the same settings under either name."""
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)["datamodule_hyper_parameters"]
+    assert not [v for v in stored.values() if isinstance(v, str) and "DataModule" in v]
+    for cls in (VolumeDataModule, datamodule_module.HDF5DataModule):
+        dm = cls.load_from_checkpoint(checkpoint)
+        assert type(dm) is VolumeDataModule
+        assert dm.paths["train"] == stored["train_paths"] and dm.paths["val"] == stored["val_paths"]
+        assert dm.train_patch_shape == tuple(stored["train_patch_shape"])
+        assert dm.normalization == stored["normalization"] and list(dm.percentiles) == list(stored["percentiles"])
+        assert dataclasses.asdict(dm.augmentation) == stored["augmentation"]
+
+
+def test_reader_workers_drop_only_the_lost_receiver_of_a_stopped_main_process(capsys):
+    """The traceback of resource_sharer's hand-over thread after the main process stopped is dropped in reader
+    workers; any other thread error still reaches the default hook."""
+    import threading
+
+    from unet3d_lightning.data import loader
+
+    def raising(exc: BaseException, filename: str) -> threading.ExceptHookArgs:
+        code = compile("raise exc", filename, "exec")
+        try:
+            exec(code, {"exc": exc})
+        except BaseException as err:  # noqa: BLE001
+            return threading.ExceptHookArgs((type(err), err, err.__traceback__, None))
+        raise AssertionError("not raised")
+
+    seen = []
+    default, loader._default_thread_excepthook = loader._default_thread_excepthook, seen.append
+    try:
+        loader._quiet_lost_receiver(raising(BrokenPipeError(32, "Broken pipe"), "/x/multiprocessing/resource_sharer.py"))
+        assert seen == []
+        loader._quiet_lost_receiver(raising(BrokenPipeError(32, "Broken pipe"), "/x/mine.py"))
+        loader._quiet_lost_receiver(raising(ValueError("bad"), "/x/multiprocessing/resource_sharer.py"))
+        assert [type(a.exc_value) for a in seen] == [BrokenPipeError, ValueError]
+    finally:
+        loader._default_thread_excepthook = default

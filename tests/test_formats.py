@@ -23,13 +23,13 @@ import torch
 import zarr
 
 from conftest import blob_volume, write_h5
-from unet3d_lightning.data import readers
-from unet3d_lightning.data.datamodule import HDF5DataModule
+from unet3d_lightning.data import io as volume_io
+from unet3d_lightning.data.datamodule import VolumeDataModule
 from unet3d_lightning.data.transforms import Augmentation
 from unet3d_lightning.data.volumes import resolve_paths
 from unet3d_lightning.errors import ConfigurationError
 from unet3d_lightning.module import UNet3DModule
-from unet3d_lightning.prediction.writer import PredictionWriter
+from unet3d_lightning.prediction.callback import PredictionWriter
 
 SHAPE = (12, 16, 16)
 PATCH = (8, 8, 8)
@@ -98,10 +98,10 @@ def store(tmp_path: Path, fmt: str, name: str, raw: np.ndarray, label: np.ndarra
     return args
 
 
-def training(args: dict, **kwargs) -> HDF5DataModule:
+def training(args: dict, **kwargs) -> VolumeDataModule:
     kwargs.setdefault("num_workers", 0)
     kwargs.setdefault("train_patch_shape", PATCH)
-    return HDF5DataModule(
+    return VolumeDataModule(
         train_paths=args["paths"], val_paths=args["paths"], batch_size=2, seed=3,
         raw_internal_path=args.get("raw_internal_path", "raw"),
         label_internal_path=args.get("label_internal_path", "label"),
@@ -110,12 +110,12 @@ def training(args: dict, **kwargs) -> HDF5DataModule:
     )
 
 
-def batches(dm: HDF5DataModule) -> list[dict]:
+def batches(dm: VolumeDataModule) -> list[dict]:
     dm.setup("fit")
     return list(dm.train_dataloader())
 
 
-def attach_model(dm: HDF5DataModule, in_channels: int = 1, out_channels: int = 2) -> None:
+def attach_model(dm: VolumeDataModule, in_channels: int = 1, out_channels: int = 2) -> None:
     model = types.SimpleNamespace(in_channels=in_channels, out_channels=out_channels, ignore_index=None)
     dm.trainer = types.SimpleNamespace(lightning_module=model, world_size=1, global_rank=0)
 
@@ -216,7 +216,7 @@ def predict(model, args: dict, out: Path, fmt: str = "hdf5", **writer_kwargs) ->
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, use_distributed_sampler=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[writer],
     )
-    dm = HDF5DataModule(
+    dm = VolumeDataModule(
         predict_paths=args["paths"], raw_internal_path=args.get("raw_internal_path", "raw"),
         predict_patch_shape=[8, 8, 8], predict_stride_shape=[4, 6, 6], batch_size=3, num_workers=0,
     )
@@ -265,9 +265,9 @@ def test_zarr_output_equals_hdf5_output_chunked_and_compressed(tmp_path, referen
 
 
 def test_zarr_output_in_several_chunk_rows_and_uint8(tmp_path, monkeypatch, reference_volume, hdf5_prediction):
-    import unet3d_lightning.prediction.writer as writer_module
+    import unet3d_lightning.prediction.outputs.chunks as chunks_module
 
-    monkeypatch.setattr(writer_module, "CHUNK_ZYX", (5, 6, 7))  # rows of chunks end inside slabs, edge chunks
+    monkeypatch.setattr(chunks_module, "CHUNK_ZYX", (5, 6, 7))  # rows of chunks end inside slabs, edge chunks
     raw, _ = reference_volume
     predict(tiny_model(), store(tmp_path, "hdf5", "vol", raw), tmp_path / "out", "zarr", dtype="uint8")
     predictions = zarr.open_group(str(tmp_path / "out" / "vol_predictions.zarr"), mode="r")["predictions"]
@@ -286,17 +286,17 @@ class FailingModule(UNet3DModule):
 
 
 def test_interrupted_zarr_output_leaves_nothing_under_the_final_name(tmp_path, monkeypatch, reference_volume):
-    import unet3d_lightning.prediction.writer as writer_module
+    import unet3d_lightning.prediction.outputs.chunks as chunks_module
 
-    monkeypatch.setattr(writer_module, "CHUNK_ZYX", (2, 16, 16))  # every slab completes chunk rows: they are written
+    monkeypatch.setattr(chunks_module, "CHUNK_ZYX", (2, 16, 16))  # every slab completes chunk rows: they are written
     written_rows = []
-    original = writer_module._ChunkRowDataset._write
+    original = chunks_module.ChunkRowDataset._write
 
     def spy(self, z0, rows):
         written_rows.append(z0)
         return original(self, z0, rows)
 
-    monkeypatch.setattr(writer_module._ChunkRowDataset, "_write", spy)
+    monkeypatch.setattr(chunks_module.ChunkRowDataset, "_write", spy)
     raw, _ = reference_volume
     args = store(tmp_path, "hdf5", "vol", raw)
     out = tmp_path / "out"
@@ -469,7 +469,7 @@ def test_tiff_without_label_file_and_label_count_mismatch(tmp_path):
     message = setup_error({"paths": args["paths"], "label_paths": [*args["label_paths"], str(other)]})
     assert "data.label_paths.train expands to 2 file(s)" in message and "1 volume(s)" in message
     with pytest.raises(ConfigurationError, match=r"data.label_paths has the role\(s\) \['predict'\]"):
-        HDF5DataModule(label_paths={"predict": ["x.tif"]})
+        VolumeDataModule(label_paths={"predict": ["x.tif"]})
 
 
 def test_tiff_axes_that_are_not_a_stack(tmp_path):
@@ -523,8 +523,8 @@ def test_paths_zarr_stores_are_volumes_and_directories_are_scanned_for_every_for
     empty.mkdir()
     with pytest.raises(ConfigurationError, match="holds no HDF5 file, Zarr store or TIFF file"):
         resolve_paths([empty], "train")
-    assert [readers.volume_format(p) for p in (h5, store_v3, ome, tif)] == ["hdf5", "zarr", "zarr", "tiff"]
-    assert readers.volume_stem(ome) == "c" and readers.volume_stem(tif) == "d"
+    assert [volume_io.volume_format(p) for p in (h5, store_v3, ome, tif)] == ["hdf5", "zarr", "zarr", "tiff"]
+    assert volume_io.volume_stem(ome) == "c" and volume_io.volume_stem(tif) == "d"
 
 
 # --------------------------------------------------------------------------------------------- CLI and DDP
@@ -612,7 +612,7 @@ def test_cached_zarr_reads_equal_numpy_indexing_through_evictions(tmp_path):
     group = zarr.open_group(str(tmp_path / "c.zarr"), mode="w")
     group.create_array("raw", shape=data.shape, dtype=data.dtype, chunks=(1, 4, 5, 6))[...] = data
     # room for about 12 chunks of 480 bytes: regions evict each other, and regions over half of it bypass the cache
-    cached = readers.CachedChunks(group["raw"], max_bytes=12 * 480)
+    cached = volume_io.CachedChunks(group["raw"], max_bytes=12 * 480)
     assert cached.shape == data.shape and cached.chunks == (1, 4, 5, 6) and cached.dtype == np.float32
     for _ in range(300):
         index = []
@@ -627,3 +627,43 @@ def test_cached_zarr_reads_equal_numpy_indexing_through_evictions(tmp_path):
     np.testing.assert_array_equal(cached[()], data)
     np.testing.assert_array_equal(cached[:, 2:9:3], data[:, 2:9:3])  # steps go to zarr directly
     assert cached._bytes <= cached.max_bytes and cached._cache
+
+
+# --------------------------------------------------------------------------------------------- the io layer
+def test_the_registry_tells_formats_and_volumes_apart(tmp_path):
+    (tmp_path / "named.zarr").write_text("a file, not a store")  # a Zarr volume is a directory
+    (tmp_path / "folder.h5").mkdir()  # an HDF5 volume is a file
+    disguised = tmp_path / "store.h5"  # a directory holding a store's metadata is a store, whatever its name
+    zarr.open_group(str(disguised), mode="w").create_array("raw", data=np.zeros((2, 3, 4), np.float32))
+    (tmp_path / "README.txt").write_text("notes")
+    (tmp_path / "scan.TIFF").write_bytes(b"")
+    cases = {"named.zarr": ("zarr", False), "folder.h5": ("hdf5", False), "store.h5": ("zarr", True),
+             "README.txt": ("hdf5", False), "scan.TIFF": ("tiff", True)}
+    for name, (fmt, volume) in cases.items():
+        assert volume_io.volume_format(tmp_path / name) == fmt, name
+        assert volume_io.is_volume(tmp_path / name) is volume, name
+    with volume_io.open_file(disguised, "train") as f:
+        assert isinstance(f, volume_io.ZarrFile) and f.array("raw").shape == (2, 3, 4)
+    assert [reader.format for reader in volume_io.READERS] == ["zarr", "tiff", "hdf5"]
+
+
+def test_the_io_layer_imports_nothing_above_it_and_defines_each_suffix_once():
+    """volumes -> io, never the reverse: the readers import neither volumes nor the DataModule (the circle of the
+    former readers and volumes modules), and the suffix constants are the readers' own."""
+    import ast
+
+    from unet3d_lightning.data import readers, volumes
+
+    package = Path(volume_io.__file__).parent
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                # ``from ..x`` would reach into data (volumes, the DataModule); only the package's errors module is
+                # imported from above io
+                assert node.level < 2 or node.level == 3 and node.module == "errors", (path.name, node.module)
+                assert node.level or not (node.module or "").startswith("unet3d_lightning"), (path.name, node.module)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("unet3d_lightning") for a in node.names), path.name
+    assert volumes.HDF5_SUFFIXES is volume_io.HDF5_SUFFIXES is volume_io.HDF5File.suffixes
+    assert readers.open_file is volume_io.open_file and readers.volume_stem is volume_io.volume_stem
+    assert volume_io.TIFF_SUFFIXES is volume_io.TiffFile.suffixes

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from torch.utils.data.distributed import DistributedSampler
 
-from unet3d_lightning.data.datamodule import HDF5DataModule
+from unet3d_lightning.data.datamodule import VolumeDataModule
 from unet3d_lightning.data.sampling import ShardedSampler
 
 SIZES = (0, 1, 5, 12, 13, 31)
@@ -96,7 +96,7 @@ def test_datamodule_loaders_shard_by_the_trainers_rank(blob_files):
     paths = [str(blob_files["train_0"])]
     seen: dict[str, list] = {"train": [], "val": []}
     for rank in range(3):
-        dm = HDF5DataModule(train_paths=paths, val_paths=paths, train_patch_shape=(8, 16, 16), num_workers=0, seed=2)
+        dm = VolumeDataModule(train_paths=paths, val_paths=paths, train_patch_shape=(8, 16, 16), num_workers=0, seed=2)
         dm.trainer = types.SimpleNamespace(
             lightning_module=types.SimpleNamespace(in_channels=1, out_channels=2, ignore_index=None),
             world_size=3, global_rank=rank,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from unet3d_lightning.data import volumes as volumes_module
-from unet3d_lightning.data.datamodule import HDF5DataModule
+from unet3d_lightning.data.datamodule import VolumeDataModule
 from unet3d_lightning.data.volumes import open_volume, resolve_paths, scan_volume
 from unet3d_lightning.errors import ConfigurationError
 
@@ -19,7 +19,7 @@ SHAPE = (8, 12, 12)
 PATCH = (4, 8, 8)
 
 
-def attach_model(dm: HDF5DataModule, in_channels: int = 1, out_channels: int = 2, ignore_index=None) -> None:
+def attach_model(dm: VolumeDataModule, in_channels: int = 1, out_channels: int = 2, ignore_index=None) -> None:
     """What setup reads from a trainer: the attached model's channel counts and ignore_index."""
     model = types.SimpleNamespace(in_channels=in_channels, out_channels=out_channels, ignore_index=ignore_index)
     dm.trainer = types.SimpleNamespace(lightning_module=model, world_size=1, global_rank=0)
@@ -32,7 +32,7 @@ def good(seed: int = 0, shape=SHAPE) -> dict[str, np.ndarray]:
 
 def setup_error(train, val=None, model: dict | None = None, **kwargs) -> str:
     """The message of the ConfigurationError that ``setup("fit")`` raises; checks it is a single line."""
-    dm = HDF5DataModule(
+    dm = VolumeDataModule(
         train_paths=[str(p) for p in train], val_paths=[str(p) for p in (val or train)],
         train_patch_shape=PATCH, num_workers=0, **kwargs,
     )
@@ -95,7 +95,7 @@ def test_ignore_index_values_are_allowed_but_nothing_else(tmp_path, h5_writer):
     data = good()
     data["label"][:2] = 255
     path = h5_writer(tmp_path / "a.h5", **data)
-    dm = HDF5DataModule(train_paths=[str(path)], val_paths=[str(path)], train_patch_shape=PATCH, num_workers=0)
+    dm = VolumeDataModule(train_paths=[str(path)], val_paths=[str(path)], train_patch_shape=PATCH, num_workers=0)
     attach_model(dm, out_channels=2, ignore_index=255)
     dm.setup("fit")  # 255 is the ignore_index: accepted
 
@@ -109,7 +109,7 @@ def test_without_a_model_the_label_range_is_not_checked(tmp_path, h5_writer):
     data = good()
     data["label"][0, 0, 0] = 9
     path = h5_writer(tmp_path / "a.h5", **data)
-    dm = HDF5DataModule(train_paths=[str(path)], val_paths=[str(path)], train_patch_shape=PATCH, num_workers=0)
+    dm = VolumeDataModule(train_paths=[str(path)], val_paths=[str(path)], train_patch_shape=PATCH, num_workers=0)
     dm.setup("fit")  # no trainer attached: nothing to compare the labels with
     assert len(dm.datasets["train"]) > 0
 

@@ -14,10 +14,11 @@ _LAZY = {
     "UNet3D": "unet3d_lightning.networks",
     "UNet3DModule": "unet3d_lightning.module",
     "HDF5DataModule": "unet3d_lightning.data.datamodule",
+    "VolumeDataModule": "unet3d_lightning.data.datamodule",
     "losses": "unet3d_lightning.losses",
 }
 
-__all__ = ["UNet3D", "UNet3DModule", "HDF5DataModule", "losses", "__version__"]
+__all__ = ["UNet3D", "UNet3DModule", "VolumeDataModule", "HDF5DataModule", "losses", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,342 +1,50 @@
-"""HDF5DataModule: strided patches from HDF5 volumes for training, validation, testing and prediction."""
+"""VolumeDataModule (also importable as HDF5DataModule): strided patches from HDF5, Zarr and TIFF volumes for
+training, validation, testing and prediction.
+
+The datasets it builds are in :mod:`~unet3d_lightning.data.datasets`, its loader in
+:mod:`~unet3d_lightning.data.loader`, the checks of the volumes in :mod:`~unet3d_lightning.data.volumes`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigurationError
-from ..signals import ignore_stop_signals_in_worker
-from . import readers
+from .datasets import Location, PatchDataset, PredictDataset, PredictionPlan, Shape3
+from .io import MISSING_CHUNKS_POLICIES, MissingChunksPolicy, volume_format
+from .loader import PatchLoader, default_num_workers
 from .patches import padded_shape, patch_grid
-from .sampling import PaddingIndex, ShardedSampler
-from .targets import LABEL_TRANSFORMS, LabelTransform, LabelTransformName, TargetOptions, relabel
-from .transforms import Augmentation, Compose
+from .sampling import ShardedSampler, keep_foreground_patches
+from .targets import LABEL_TRANSFORMS, LabelTransform, LabelTransformName, TargetOptions
+from .transforms import Augmentation
 from .volumes import (
-    MISSING_CHUNKS_POLICIES,
-    READ_ERRORS,
-    MissingChunksPolicy,
     Volume,
     check_consistent,
-    error_summary,
+    check_instance_labels,
     load_arrays,
     open_volume,
     resolve_paths,
     scan_volume,
 )
 
-Shape3 = tuple[int, int, int]
-Location = tuple[int, tuple[slice, slice, slice]]  # (volume index, patch slices)
+# Names that lived in this module before the datasets, the loader and the foreground filter had modules of their
+# own, importable from here for code written against earlier versions.
+from .datasets import index_seed, normalize  # noqa: F401
+from .sampling import foreground_fractions  # noqa: F401
+
 Normalization = Literal["standardize", "percentile", "none"]
 
 
-# --------------------------------------------------------------------------------------------------- reading
-# Files a reader keeps open at once (least recently used closed first). Each open dataset may hold up to
-# CHUNK_CACHE_BYTES of cached chunks, so this bounds a reader process's cache memory at
-# MAX_OPEN_FILES * (datasets per file) * CHUNK_CACHE_BYTES.
-MAX_OPEN_FILES = 8
-# Handles a forked worker inherited from its parent: kept referenced and never touched in the worker, because
-# closing them there would run HDF5's close (and unlock the file: flock locks are shared across fork) on state the
-# parent still uses.
-_INHERITED: list[Any] = []
-
-
-class _FileCache:
-    """Per-process read-only arrays (h5py datasets, Zarr arrays, TIFF views), opened on first use and kept open.
-
-    Datasets stay open, not just files: HDF5 frees a dataset's chunk cache when the dataset is closed, so opening
-    ``file[key]`` for every patch would read (and decompress) the chunks that overlapping patches share again.
-
-    h5py handles must not cross a fork: a DataLoader worker that used its parent's open file would share HDF5's
-    internal state with it. The cache therefore belongs to one process id; in any other process it sets the
-    inherited handles aside and opens its own. Pickling (spawned workers) drops the handles. TIFF files are opened
-    per process for the same reason (a file position shared across a fork); Zarr arrays would survive one, but are
-    opened the same way.
-    """
-
-    def __init__(self) -> None:
-        self._pid = os.getpid()
-        self._files: OrderedDict[str, readers.VolumeFile] = OrderedDict()
-        self._datasets: dict[tuple[str, str], Any] = {}
-
-    def dataset(self, volume: Volume, kind: str) -> Any:
-        """The open ``"raw"``, ``"label"`` or ``"weight"`` array of ``volume``, in this process."""
-        if self._pid != os.getpid():
-            _INHERITED.append((self._files, self._datasets))
-            self._pid, self._files, self._datasets = os.getpid(), OrderedDict(), {}
-        path, key = volume.file_of(kind), volume.key_of(kind)
-        name = str(path)
-        found = self._datasets.get((name, key))
-        if found is None:
-            file = self._files.get(name)
-            if file is None:
-                while len(self._files) >= MAX_OPEN_FILES:
-                    self._close(next(iter(self._files)))
-                file = self._files[name] = readers.open_file(path, volume.role)
-            found = self._datasets[(name, key)] = file.array(key)
-        self._files.move_to_end(name)
-        return found
-
-    def open_paths(self) -> list[str]:
-        """Paths of the files this process has open through the cache (none in a process that did not open them)."""
-        return list(self._files) if self._pid == os.getpid() else []
-
-    def _close(self, name: str) -> None:
-        for k in [k for k in self._datasets if k[0] == name]:
-            del self._datasets[k]
-        self._files.pop(name).close()
-
-    def close(self) -> None:
-        """Close the files this process opened; the cache stays usable and reopens them on demand."""
-        if self._pid == os.getpid():
-            for name in list(self._files):
-                self._close(name)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
-
-
-def _read_region(
-    volume: Volume, cache: _FileCache, kind: str, slices: tuple[slice, slice, slice], is_4d: bool
-) -> np.ndarray:
-    """The region ``slices`` of the volume's ``"raw"``, ``"label"`` or ``"weight"`` array: from memory with
-    ``in_memory`` (a view), else read from its file."""
-    index = (slice(None), *slices) if is_4d else slices
-    source = volume.arrays.get(kind)
-    if source is not None:
-        return source[index]
-    try:
-        return np.asarray(cache.dataset(volume, kind)[index])
-    except READ_ERRORS as err:
-        where = ", ".join(f"{a} {s.start}-{s.stop - 1}" for a, s in zip("zyx", slices))
-        raise ConfigurationError(
-            f"{volume.describe(volume.key_of(kind), kind)} cannot be read at {where} ({error_summary(err)}); the file "
-            "changed or is damaged"
-        ) from None
-
-
-def normalize(raw: np.ndarray, volume: Volume, mode: str, *, overwrite: bool = False) -> np.ndarray:
-    """Raw ``(C, ...)`` to float32 by the volume's statistics, the same rule in training and prediction.
-
-    ``standardize``: ``(x - mean_c) / std_c`` with the volume's per-channel mean and (population) standard
-    deviation, ``std_c`` floored at 1e-8 so a constant channel maps to 0.
-    ``percentile``: ``(clip(x, low_c, high_c) - low_c) / (high_c - low_c)``, in ``[0, 1]``, with the volume's
-    ``percentiles`` ``low_c``, ``high_c``.
-    ``none``: cast only.
-
-    Args:
-        raw: ``(C, ...)`` array of any numeric dtype.
-        volume: the volume ``raw`` comes from; its ``stats`` are used (None: cast only).
-        mode: ``"standardize"``, ``"percentile"`` or ``"none"``.
-        overwrite: allow computing in ``raw``'s own memory when it already is float32 (a freshly read buffer
-            nobody else holds), saving a copy. Default False: ``raw`` is never modified.
-    """
-    x = raw.astype(np.float32, copy=not overwrite)
-    stats = volume.stats
-    if mode == "none" or stats is None:
-        return x
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    if mode == "standardize":
-        # The mean is subtracted as float32 high part plus the remainder: rounding the mean itself to float32 would
-        # shift every output by up to ulp(mean) / (2 std), a visible bias for data with a large offset (raw around
-        # 30000 with a spread of 50 is common in microscopy); x - high is exact for x near the mean (Sterbenz).
-        mean = np.asarray(stats.mean, np.float64)
-        high = mean.astype(np.float32)
-        x -= high.reshape(shape)
-        x -= (mean - high).astype(np.float32).reshape(shape)
-        x /= np.maximum(np.asarray(stats.std, np.float32), 1e-8).reshape(shape)
-        return x
-    low = np.asarray(stats.low, np.float32).reshape(shape)
-    high = np.asarray(stats.high, np.float32).reshape(shape)
-    np.clip(x, low, high, out=x)
-    x -= low
-    x /= np.maximum(high - low, 1e-8)
-    return x
-
-
-class PatchDataset(Dataset):
-    """Patches of raw (and label, weight) at fixed locations; items are ``index`` or ``(index, augmentation_seed)``.
-
-    Returns dicts with ``raw`` float32 ``(C, pz, py, px)``, ``label`` (int64 ``(pz, py, px)`` class ids or float32
-    ``(C, pz, py, px)`` masks) and ``weight`` float32 when the volumes have one.
-    """
-
-    def __init__(
-        self,
-        volumes: Sequence[Volume],
-        locations: Sequence[Location],
-        normalization: str = "standardize",
-        transforms: Compose | None = None,
-        with_labels: bool = True,
-        label_transform: LabelTransform | None = None,
-        ignore_label: int | None = None,
-    ) -> None:
-        self.volumes = list(volumes)
-        # Instance labels: relabelled to small int64 ids before the augmentations, turned into targets after them.
-        self.label_transform = label_transform
-        self.ignore_label = ignore_label
-        self.locations = list(locations)
-        self.normalization = normalization
-        self.transforms = transforms
-        self.with_labels = with_labels
-        self._files = _FileCache()
-
-    def __len__(self) -> int:
-        return len(self.locations)
-
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        index, seed = item if isinstance(item, tuple) else (item, index_seed(item))
-        padding = isinstance(item, PaddingIndex)
-        v, slices = self.locations[index]
-        volume = self.volumes[v]
-        raw = _read_region(volume, self._files, "raw", slices, volume.raw_is_4d)
-        # A region read from the file is a new buffer this call owns and may overwrite; an in-memory region is a
-        # view of the volume and must be copied.
-        fresh = not volume.arrays
-        raw = normalize(raw if volume.raw_is_4d else raw[None], volume, self.normalization, overwrite=fresh)
-        sample = {"raw": torch.from_numpy(np.ascontiguousarray(raw))}
-        if self.with_labels and volume.label_internal_path is not None:
-            label = _read_region(volume, self._files, "label", slices, volume.label_kind == "binary")
-            if volume.label_kind == "instances":
-                label = relabel(label, ignore_label=self.ignore_label)
-            dtype = np.int64 if volume.label_kind in ("class_ids", "instances") else np.float32
-            sample["label"] = torch.from_numpy(np.ascontiguousarray(label.astype(dtype, copy=not fresh)))
-        if self.with_labels and volume.weight_internal_path is not None:
-            weight = _read_region(volume, self._files, "weight", slices, volume.weight_is_4d)
-            sample["weight"] = torch.from_numpy(np.ascontiguousarray(weight.astype(np.float32, copy=not fresh)))
-        if self.transforms is not None:
-            generator = torch.Generator()
-            generator.manual_seed(seed)
-            sample = self.transforms(sample, generator)
-        if self.label_transform is not None and "label" in sample:
-            sample = self.label_transform(sample)
-        sample["padding"] = padding  # a DDP padding duplicate (see ShardedSampler): not to be counted
-        return sample
-
-    def close(self) -> None:
-        """Close the HDF5 files this process opened for reading (they are reopened on the next read)."""
-        self._files.close()
-
-
-def index_seed(index: int) -> int:
-    """Augmentation seed for a dataset used with plain integer indices (outside our sampler)."""
-    return (index * 2_654_435_761 + 97) % 2**62
-
-
-@dataclass
-class PredictionPlan:
-    """Where one prediction volume's patches lie: its real shape, the padded shape the grid covers, and the grid."""
-
-    volume: Volume
-    padded_shape: Shape3
-    grid: list[tuple[slice, slice, slice]]
-
-
-class PredictDataset(Dataset):
-    """Every patch of every prediction volume, volume by volume, each volume's patches in z-major order.
-
-    Items are dicts ``{"raw": (C, pz, py, px), "volume": index into plans, "start": (z, y, x) in padded coordinates}``.
-    Parts of a patch beyond a volume smaller than the patch are zero after normalisation (the stitcher crops them).
-    """
-
-    def __init__(self, plans: Sequence[PredictionPlan], normalization: str = "standardize") -> None:
-        self.plans = list(plans)
-        self.normalization = normalization
-        self.items = [(v, s) for v, plan in enumerate(self.plans) for s in plan.grid]
-        self._files = _FileCache()
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        v, slices = self.items[index]
-        volume = self.plans[v].volume
-        inside = tuple(slice(s.start, min(s.stop, n)) for s, n in zip(slices, volume.spatial_shape))
-        raw = _read_region(volume, self._files, "raw", inside, volume.raw_is_4d)  # type: ignore[arg-type]
-        raw = normalize(
-            raw if volume.raw_is_4d else raw[None], volume, self.normalization, overwrite=not volume.arrays
-        )
-        shape = tuple(s.stop - s.start for s in slices)
-        if raw.shape[1:] != shape:
-            padded = np.zeros((raw.shape[0], *shape), np.float32)
-            padded[(slice(None), *(slice(0, n) for n in raw.shape[1:]))] = raw
-            raw = padded
-        start = torch.tensor([s.start for s in slices], dtype=torch.int64)
-        return {
-            "raw": torch.from_numpy(np.ascontiguousarray(raw)), "volume": v, "start": start,
-            "padding": isinstance(index, PaddingIndex),  # a DDP padding duplicate: the writer skips it
-        }
-
-    def close(self) -> None:
-        """Close the HDF5 files this process opened for reading (they are reopened on the next read)."""
-        self._files.close()
-
-
-def _init_worker(worker_id: int) -> None:
-    """Reader workers leave the stop signals to the main process (a signal sent to the whole process group would
-    otherwise kill them first, and the run would die without its checkpoint); with ``seed_everything(workers=True)``
-    they are seeded as Lightning's own worker init (which it adds only to loaders that have none) seeds them."""
-    ignore_stop_signals_in_worker(worker_id)
-    if os.environ.get("PL_SEED_WORKERS") == "1":
-        from lightning.fabric.utilities.seed import pl_worker_init_function
-
-        pl_worker_init_function(worker_id)
-
-
-class PatchLoader(DataLoader):
-    """A DataLoader over a :class:`ShardedSampler` whose place in the epoch is saved in checkpoints.
-
-    Lightning stores ``state_dict()`` in every checkpoint and, when a run resumes, calls ``load_state_dict()`` before
-    it starts iterating. A run resumed from a checkpoint written in the middle of an epoch then trains on exactly the
-    batches the interrupted run would have trained next (same order, same augmentations) instead of starting the
-    epoch over; one written at the end of an epoch continues with the next epoch's order.
-
-    Args:
-        progress: returns ``(batches finished in the current epoch, batches per epoch)`` as the training loop
-            counts them (batches the loader has produced may be more: workers and Lightning read ahead). Default
-            None: the state records no progress and a resumed epoch starts over.
-        Every other argument is :class:`torch.utils.data.DataLoader`'s. Only a loader whose ``sampler`` is a
-        ShardedSampler has a state; Lightning rebuilds loaders with other samplers in some modes (prediction,
-        ``overfit_batches``), and those save and restore nothing.
-    """
-
-    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]] | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("worker_init_fn", _init_worker)
-        super().__init__(*args, **kwargs)
-        self.progress = progress
-
-    def state_dict(self) -> dict[str, int]:
-        if not isinstance(self.sampler, ShardedSampler):
-            return {}
-        done, per_epoch = self.progress() if self.progress is not None else (0, len(self))
-        return {"epoch": self.sampler.epoch, "batches": int(done), "batches_per_epoch": int(per_epoch)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if not state or not isinstance(self.sampler, ShardedSampler):
-            return
-        epoch, done = int(state["epoch"]), int(state["batches"])
-        if done >= state["batches_per_epoch"]:
-            epoch, done = epoch + 1, 0  # saved at the end of an epoch: the next one starts from its beginning
-        self.sampler.set_epoch(epoch)
-        self.sampler.skip_next(done * (self.batch_size or 1))
-
-
-# --------------------------------------------------------------------------------------------------- module
-class HDF5DataModule(pl.LightningDataModule):
-    """Strided 3D patches from HDF5 volumes, checked at ``setup()`` before any training or prediction starts.
+class VolumeDataModule(pl.LightningDataModule):
+    """Strided 3D patches from HDF5, Zarr and TIFF volumes, checked at ``setup()`` before any training or prediction
+    starts. ``HDF5DataModule`` is the same class, by the name of earlier versions.
 
     ``setup()`` reads every volume once (z-slab by z-slab, read-only) to compute its intensity statistics and to
     check it; a problem raises a :class:`~unet3d_lightning.errors.ConfigurationError` naming the file, the dataset
@@ -347,14 +55,15 @@ class HDF5DataModule(pl.LightningDataModule):
     (main process) draws each sample's augmentation seed. Under DDP each rank reads its own share of the patches
     (:class:`~unet3d_lightning.data.sampling.ShardedSampler`); when validation or prediction patches do not divide
     evenly, the last round is filled with duplicates flagged ``"padding"``, which metrics and the prediction writer
-    skip, so every patch counts exactly once. Each reader process opens the files itself and keeps them open (chunk caches stay warm).
+    skip, so every patch counts exactly once. Each reader process opens the files itself and keeps them open (chunk
+    caches stay warm).
 
     Args:
         train_paths, val_paths, test_paths, predict_paths: volumes, as one path or a list of them: HDF5 files
             (``.h5``/``.hdf5``/``.hdf``), Zarr stores (``.zarr`` directories, OME-Zarr included), TIFF stacks
             (``.tif``/``.tiff``), directories of them, or glob patterns (``data/train/*.h5``, ``**`` allowed; a
             pattern, like a directory, selects only those kinds of files; a name that exists is taken as it is, even
-            with ``[ ] * ?`` in it); see :mod:`~unet3d_lightning.data.readers`. Default None.
+            with ``[ ] * ?`` in it); see :mod:`~unet3d_lightning.data.io`. Default None.
         raw_internal_path: dataset holding the raw volume, ``(D, H, W)`` or ``(C, D, H, W)``: an HDF5 dataset, or
             an array of a Zarr store's group (``"0"``, the full resolution of an OME-Zarr image); ignored for TIFF.
             Default ``"raw"``.
@@ -373,7 +82,7 @@ class HDF5DataModule(pl.LightningDataModule):
         predict_stride_shape: stride for prediction; patches overlap by ``patch - stride`` and the overlaps are
             blended. Default None: ``patch - patch // 4`` (a quarter overlap).
         batch_size: patches per batch (per device under DDP). Default 1.
-        num_workers: DataLoader worker processes reading HDF5 in parallel (per device under DDP). Default None:
+        num_workers: DataLoader worker processes reading the volumes in parallel (per device under DDP). Default None:
             what the machine allows, ``min(4, cores // devices on this node - 1)`` counting the cores this process
             may run on (0 on a machine with 1 core per device).
         normalization: ``"standardize"`` (per-volume, per-channel mean and std), ``"percentile"`` (clip to the
@@ -627,7 +336,7 @@ class HDF5DataModule(pl.LightningDataModule):
                         f"has in_channels={spec['in_channels']}"
                     )
                 if self.targets is not None and volume.label_internal_path is not None:
-                    _check_instance_labels(volume)
+                    check_instance_labels(volume)
                 scan_volume(
                     volume, out_channels=spec["out_channels"] if volume.label_kind != "instances" else None,
                     ignore_index=spec["ignore_index"], percentiles=percentiles, missing_chunks=self.missing_chunks,
@@ -645,7 +354,7 @@ class HDF5DataModule(pl.LightningDataModule):
         entries = self.label_paths.get(role)
         if entries is None:
             for path in paths:
-                if readers.volume_format(path) == "tiff":
+                if volume_format(path) == "tiff":
                     raise ConfigurationError(
                         f"{role} volume {path}: a TIFF file holds one image, so its labels must be in a file of "
                         f"their own; list the label files in data.label_paths.{role}, in the order of the volumes"
@@ -669,7 +378,7 @@ class HDF5DataModule(pl.LightningDataModule):
                 )
         if self.weight_internal_path is not None:
             for label in labels:
-                if readers.volume_format(label) == "tiff":
+                if volume_format(label) == "tiff":
                     raise ConfigurationError(
                         f"{role} volume {label}: a TIFF label file holds only the labels; per-voxel weights "
                         f"(data.weight_internal_path) need an HDF5 or Zarr label file"
@@ -732,11 +441,10 @@ class HDF5DataModule(pl.LightningDataModule):
 
     def _filter(self, volume: Volume, grid: list, patch: Shape3) -> list:
         """Keep patches with enough foreground, plus a random share of the others."""
-        fractions = foreground_fractions(volume, grid, patch, self._model_spec()["ignore_index"])
-        # crc32, not hash(): str hashes differ between processes, and every DDP rank must keep the same patches.
-        rng = np.random.default_rng([self.seed or 0, zlib.crc32(str(volume.path).encode())])
-        keep_empty = rng.random(len(grid)) < self.empty_patch_keep_share
-        return [s for s, f, k in zip(grid, fractions, keep_empty) if f >= self.min_foreground_fraction or k]
+        return keep_foreground_patches(
+            volume, grid, patch, self.min_foreground_fraction, self.empty_patch_keep_share,  # type: ignore[arg-type]
+            ignore_index=self._model_spec()["ignore_index"], seed=self.seed or 0,
+        )
 
     # ------------------------------------------------------------------------------------------------ loaders
     def _rank_world(self) -> tuple[int, int]:
@@ -824,98 +532,11 @@ class HDF5DataModule(pl.LightningDataModule):
         return self._ordered("predict")
 
     def teardown(self, stage: str) -> None:
-        """Close the HDF5 files this process opened (``num_workers=0``); workers close theirs when they exit."""
+        """Close the files this process opened (``num_workers=0``); workers close theirs when they exit."""
         for dataset in self.datasets.values():
             close = getattr(dataset, "close", None)
             if close is not None:
                 close()
-
-
-def default_num_workers(local_processes: int = 1) -> int:
-    """Reader processes per device that this machine can run beside the training or prediction processes:
-    ``min(4, cores // local_processes - 1)``, never below 0.
-
-    ``cores`` counts the cores this process may run on (``os.sched_getaffinity``: a SLURM job or container sees its
-    own share, not the whole machine's), as PyTorch's and Lightning's DataLoader checks do, so the default never sets
-    off their "too many workers" or "too few workers" warnings. One core per process is kept for the process
-    itself; beyond 4 workers HDF5 reading rarely gains.
-
-    Args:
-        local_processes: processes on this node sharing the cores (devices under DDP). Default 1.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    return max(0, min(4, cores // max(int(local_processes), 1) - 1))
-
-
-def foreground_fractions(volume: Volume, grid: list, patch: Shape3, ignore_index: int | None) -> list[float]:
-    """Foreground share of each patch of ``grid``: ``(foreground voxels in the patch) / (voxels in the patch)``.
-
-    A voxel is foreground when its class id is not 0 (3D labels) or any of its mask channels is 1 (4D labels), and
-    it is not ignored (its label, or for 4D labels any channel, equals ``ignore_index``); ignored voxels still count
-    in the patch's size.
-
-    Each distinct z-range of the grid is read once, summed along z into a ``(H, W)`` image and turned into an
-    integral image ``S`` (``S[y, x]`` = sum over rows ``< y`` and columns ``< x``), so a patch's count is the four
-    lookups ``S[y1, x1] - S[y0, x1] - S[y1, x0] + S[y0, x0]``.
-
-    Args:
-        volume: a labelled volume.
-        grid: patch slices in z-major order (as :func:`~unet3d_lightning.data.patches.patch_grid` lists them).
-        patch: the patch shape.
-        ignore_index: label value that is never foreground. Default: none.
-    """
-    key = volume.label_internal_path
-    if key is None:
-        raise ConfigurationError(f"{volume.name}: min_foreground_fraction needs labels")
-    cache = _FileCache()
-    try:
-        fractions = []
-        current: tuple[int, int] | None = None
-        columns = np.zeros((1, 1), np.int64)
-        for slices in grid:
-            zs, ys, xs = slices
-            if (zs.start, zs.stop) != current:  # z-major grid: each z-range is read once
-                current = (zs.start, zs.stop)
-                everything = (zs, slice(None), slice(None))
-                label = _read_region(volume, cache, "label", everything, volume.label_kind == "binary")
-                if label.ndim == 4:
-                    fg = (label == 1).any(axis=0)
-                    if ignore_index is not None:
-                        fg &= (label != ignore_index).all(axis=0)
-                else:
-                    fg = label != 0
-                    if ignore_index is not None:
-                        fg &= label != ignore_index
-                columns = np.pad(fg.sum(axis=0, dtype=np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-            count = (
-                columns[ys.stop, xs.stop] - columns[ys.start, xs.stop]
-                - columns[ys.stop, xs.start] + columns[ys.start, xs.start]
-            )
-            fractions.append(float(count) / (patch[0] * patch[1] * patch[2]))
-        return fractions
-    finally:
-        cache.close()
-
-
-def _check_instance_labels(volume: Volume) -> None:
-    """With a label transform, labels must be ``(D, H, W)`` integer instance ids; marks the volume as such."""
-    key = volume.label_internal_path
-    if volume.label_kind != "class_ids":
-        raise ConfigurationError(
-            f"{volume.describe(key, 'label')} is 4D, but data.label_transform needs (D, H, W) instance labels (one id "
-            "per object)"
-        )
-    with readers.open_file(volume.file_of("label"), volume.role) as f:
-        dtype = np.dtype(f.array(key).dtype)
-    if not (np.issubdtype(dtype, np.integer) or dtype == bool):
-        raise ConfigurationError(
-            f"{volume.describe(key, 'label')} has dtype {dtype}, but instance labels must be integer ids (e.g. "
-            "uint32, uint64); convert them, or set data.label_transform: none for class ids"
-        )
-    volume.label_kind = "instances"
 
 
 def _names(paths: Sequence[Any], shown: int = 4) -> str:
@@ -942,3 +563,8 @@ def _shape(value: Sequence[int] | None, name: str) -> Shape3 | None:
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigurationError(f"data.{name} {list(value)} must be three positive integers (z, y, x)")
     return shape  # type: ignore[return-value]
+
+
+# The name of earlier versions, when only HDF5 was read: the same class, so settings, config files and checkpoints
+# written with it keep working.
+HDF5DataModule = VolumeDataModule

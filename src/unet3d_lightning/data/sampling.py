@@ -11,15 +11,23 @@ Why per-sample seeds: augmentation randomness drawn inside DataLoader workers de
 sample, so results would change with ``num_workers``. Here the sampler, which runs in the main process, draws a seed
 for each sample from a generator seeded by ``(seed, epoch)``; the dataset seeds a ``torch.Generator`` with it. The
 batches are then identical for any number of workers, and identical across runs with the same seed.
+
+Which training patches are sampled at all: :func:`keep_foreground_patches` keeps those with enough labelled
+foreground (``data.min_foreground_fraction``), plus a share of the others, the same on every rank.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data.distributed import DistributedSampler
+
+from ..errors import ConfigurationError
+from .io.handles import FileCache
+from .volumes import Volume, read_region
 
 
 class PaddingIndex(int):
@@ -136,3 +144,84 @@ class ShardedSampler(DistributedSampler):
         # Drawn for all positions (not only this rank's) so a sample's seed is the same whatever the world size.
         seeds = torch.randint(0, 2**62, (self.num_items,), generator=generator)
         return iter(zip(order[pick].tolist(), seeds[pick].tolist()))
+
+
+def foreground_fractions(
+    volume: Volume, grid: list, patch: tuple[int, int, int], ignore_index: int | None
+) -> list[float]:
+    """Foreground share of each patch of ``grid``: ``(foreground voxels in the patch) / (voxels in the patch)``.
+
+    A voxel is foreground when its class id is not 0 (3D labels) or any of its mask channels is 1 (4D labels), and
+    it is not ignored (its label, or for 4D labels any channel, equals ``ignore_index``); ignored voxels still count
+    in the patch's size.
+
+    Each distinct z-range of the grid is read once, summed along z into a ``(H, W)`` image and turned into an
+    integral image ``S`` (``S[y, x]`` = sum over rows ``< y`` and columns ``< x``), so a patch's count is the four
+    lookups ``S[y1, x1] - S[y0, x1] - S[y1, x0] + S[y0, x0]``.
+
+    Args:
+        volume: a labelled volume.
+        grid: patch slices in z-major order (as :func:`~unet3d_lightning.data.patches.patch_grid` lists them).
+        patch: the patch shape.
+        ignore_index: label value that is never foreground. Default: none.
+    """
+    key = volume.label_internal_path
+    if key is None:
+        raise ConfigurationError(f"{volume.name}: min_foreground_fraction needs labels")
+    cache = FileCache()
+    try:
+        fractions = []
+        current: tuple[int, int] | None = None
+        columns = np.zeros((1, 1), np.int64)
+        for slices in grid:
+            zs, ys, xs = slices
+            if (zs.start, zs.stop) != current:  # z-major grid: each z-range is read once
+                current = (zs.start, zs.stop)
+                everything = (zs, slice(None), slice(None))
+                label = read_region(volume, cache, "label", everything, volume.label_kind == "binary")
+                if label.ndim == 4:
+                    fg = (label == 1).any(axis=0)
+                    if ignore_index is not None:
+                        fg &= (label != ignore_index).all(axis=0)
+                else:
+                    fg = label != 0
+                    if ignore_index is not None:
+                        fg &= label != ignore_index
+                columns = np.pad(fg.sum(axis=0, dtype=np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+            count = (
+                columns[ys.stop, xs.stop] - columns[ys.start, xs.stop]
+                - columns[ys.stop, xs.start] + columns[ys.start, xs.start]
+            )
+            fractions.append(float(count) / (patch[0] * patch[1] * patch[2]))
+        return fractions
+    finally:
+        cache.close()
+
+
+def keep_foreground_patches(
+    volume: Volume,
+    grid: list,
+    patch: tuple[int, int, int],
+    min_fraction: float,
+    keep_share: float = 0.0,
+    ignore_index: int | None = None,
+    seed: int = 0,
+) -> list:
+    """The patches of ``grid`` whose foreground share (:func:`foreground_fractions`) is at least ``min_fraction``,
+    plus a random ``keep_share`` of the others, in grid order (``data.min_foreground_fraction``,
+    ``data.empty_patch_keep_share``).
+
+    Args:
+        volume: a labelled volume.
+        grid: its patch slices in z-major order.
+        patch: the patch shape.
+        min_fraction: the foreground share a patch needs, in ``[0, 1]``.
+        keep_share: the share of the other patches kept anyway, in ``[0, 1]``. Default 0.0.
+        ignore_index: label value that is never foreground. Default None.
+        seed: seed of the choice of kept patches, with the volume's path. Default 0.
+    """
+    fractions = foreground_fractions(volume, grid, patch, ignore_index)
+    # crc32, not hash(): str hashes differ between processes, and every DDP rank must keep the same patches.
+    rng = np.random.default_rng([seed, zlib.crc32(str(volume.path).encode())])
+    keep_empty = rng.random(len(grid)) < keep_share
+    return [s for s, f, k in zip(grid, fractions, keep_empty) if f >= min_fraction or k]

@@ -1,4 +1,4 @@
-"""Finding, opening and validating volumes (HDF5, Zarr, TIFF: see :mod:`~unet3d_lightning.data.readers`).
+"""Finding, opening and validating volumes (HDF5, Zarr, TIFF: read through :mod:`~unet3d_lightning.data.io`).
 
 Every check here runs at ``setup()``, before training or prediction starts, and raises a
 :class:`~unet3d_lightning.errors.ConfigurationError` whose one sentence names the file, the dataset and the problem.
@@ -12,8 +12,8 @@ Layout of a volume file (the original pytorch-3dunet's):
 - optional ``/weight`` (any name): per-voxel loss weights, ``(D, H, W)`` or shaped like the label.
 
 A 2D dataset ``(H, W)`` (HDF5 dataset, Zarr array, TIFF image) is read as the one-slice volume ``(1, H, W)``
-(:class:`OneSlice`), for 2D images and the 2D networks that work on z-slices; a 2D ``(C, H, W)`` multi-channel image cannot be told from a volume and must
-be stored as ``(C, 1, H, W)``.
+(:class:`~unet3d_lightning.data.io.base.OneSlice`), for 2D images and the 2D networks that work on z-slices; a 2D
+``(C, H, W)`` multi-channel image cannot be told from a volume and must be stored as ``(C, 1, H, W)``.
 """
 
 from __future__ import annotations
@@ -21,93 +21,40 @@ from __future__ import annotations
 import glob
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import h5py
 import numpy as np
 
 from ..errors import ConfigurationError
-from . import readers
+from .io import (
+    HDF5_SUFFIXES,
+    READ_ERRORS,
+    TIFF_SUFFIXES,
+    ZARR_SUFFIXES,
+    ChunkAudit,
+    MissingChunksPolicy,
+    VolumeFile,
+    error_summary,
+    is_volume,
+    open_file,
+    volume_format,
+)
+from .io.handles import FileCache
 
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
-# h5py's default chunk cache is 1 MiB: too small to hold the chunks that overlapping patches share, so neighbouring
-# patches would read and decompress the same chunks again. The size applies to every open *dataset*, and HDF5 drops
-# a dataset's cache when the dataset is closed, so readers must keep their datasets open (see the datamodule).
-CHUNK_CACHE_BYTES = 64 * 1024**2
-# Hash slots of the chunk cache: a prime well above the number of chunks that fit (HDF5's advice), so few collide.
-CHUNK_CACHE_SLOTS = 10007
+# Names that lived in this module before the readers moved to the io package, importable from here for code written
+# against earlier versions.
+from .io import CHUNK_CACHE_BYTES, MISSING_CHUNKS_POLICIES, MissingChunksWarning, OneSlice  # noqa: F401
+from .io.hdf5 import CHUNK_CACHE_SLOTS, as_volume, is_lock_error, open_h5  # noqa: F401
+
 # Voxels read per block while scanning a volume: bounds the scan's memory whatever the volume's size (a block and
 # its float64 working copies take about 20 bytes per voxel, so about 160 MiB).
 SCAN_BLOCK_VOXELS = 8 * 1024**2
 # Voxels sampled per channel to estimate percentiles (exact order statistics of a huge volume would need it all).
 PERCENTILE_SAMPLES = 4 * 1024**2
-# What h5py raises for damaged files: OSError for unreadable bytes or failed filters (gzip, ...), RuntimeError and
-# KeyError for broken object headers or links.
-READ_ERRORS = (OSError, RuntimeError, KeyError)
-
-
-class OneSlice:
-    """A 2D ``(H, W)`` array seen as the volume ``(1, H, W)``: indexed like the volume, read from the image."""
-
-    def __init__(self, dataset: h5py.Dataset) -> None:
-        self.dataset = dataset
-        self.shape = (1, *dataset.shape)
-        self.ndim = 3
-        self.dtype = dataset.dtype
-        self.chunks = (1, *dataset.chunks) if dataset.chunks else None
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        index = index if isinstance(index, tuple) else (index,)
-        z, rest = (index[0], index[1:]) if index and index[0] is not Ellipsis else (slice(None), ())
-        image = self.dataset[rest] if rest else self.dataset[()]
-        return image[None][z]
-
-
-def as_volume(dataset: Any) -> Any:
-    """``dataset``, or a 2D one as :class:`OneSlice`."""
-    return OneSlice(dataset) if isinstance(dataset, h5py.Dataset) and dataset.ndim == 2 else dataset
-
-
-def open_h5(path: str | os.PathLike, role: str = "input") -> h5py.File:
-    """Open ``path`` read-only, with a chunk cache of ``CHUNK_CACHE_BYTES`` per dataset for overlapping patches.
-
-    Args:
-        path: the HDF5 file.
-        role: ``"train"``, ``"val"``, ``"test"`` or ``"predict"``; only used to name the file in error messages.
-            Default ``"input"``.
-
-    Raises:
-        ConfigurationError: the file does not exist, or is not a readable HDF5 file (wrong format, truncated).
-    """
-    try:
-        return h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=CHUNK_CACHE_SLOTS)
-    except FileNotFoundError:
-        raise ConfigurationError(f"{role} volume {path}: file does not exist") from None
-    except READ_ERRORS as err:
-        if is_lock_error(err):
-            raise ConfigurationError(
-                f"{role} volume {path}: the file is locked by another process (one still writing it?); wait until "
-                "it has finished, or, on a read-only or network file system whose locks are unreliable, set "
-                "HDF5_USE_FILE_LOCKING=FALSE"
-            ) from None
-        raise ConfigurationError(
-            f"{role} volume {path}: cannot be read as an HDF5 file ({error_summary(err)}); it may be truncated or "
-            "not HDF5"
-        ) from None
-
-
-def is_lock_error(err: BaseException) -> bool:
-    """Whether an exception from opening an HDF5 file means another process holds the file's lock.
-
-    HDF5 locks files (``flock``) while they are open; a writer's exclusive lock makes readers fail with EAGAIN
-    ("unable to lock file"), which is not damage to the file.
-    """
-    return isinstance(err, BlockingIOError) or "unable to lock file" in str(err).lower()
 
 
 def resolve_paths(
@@ -145,7 +92,7 @@ def resolve_paths(
     if isinstance(entries, (str, os.PathLike)):
         # One path is one entry (never its characters); an empty string is no path at all.
         entries = [entries] if str(entries) else []
-    suffixes = ", ".join(HDF5_SUFFIXES + readers.ZARR_SUFFIXES + readers.TIFF_SUFFIXES)
+    suffixes = ", ".join(HDF5_SUFFIXES + ZARR_SUFFIXES + TIFF_SUFFIXES)
     paths: list[Path] = []
     for entry in entries:
         text = os.path.expanduser(str(entry))
@@ -154,7 +101,7 @@ def resolve_paths(
         # A path that exists is taken as it is, even when its name holds [ ] * ? (a folder "scan [1]").
         if glob.has_magic(text) and not os.path.lexists(text):
             found = sorted(Path(p) for p in glob.glob(text, recursive=True))
-            matches = [p for p in found if readers.is_volume(p)]
+            matches = [p for p in found if is_volume(p)]
             # With "**" a pattern also matches the arrays inside a Zarr store; the store is the volume.
             stores = {p for p in matches if p.is_dir()}
             matches = [p for p in matches if not any(parent in stores for parent in p.parents)]
@@ -168,8 +115,8 @@ def resolve_paths(
                     "does; name a file of another suffix on its own to read it as HDF5"
                 )
             paths.extend(matches)
-        elif Path(text).is_dir() and readers.volume_format(text) != "zarr":
-            matches = sorted(p for p in Path(text).iterdir() if readers.is_volume(p))
+        elif Path(text).is_dir() and volume_format(text) != "zarr":
+            matches = sorted(p for p in Path(text).iterdir() if is_volume(p))
             if not matches:
                 raise ConfigurationError(
                     f"{role}_paths: the directory {text} holds no HDF5 file, Zarr store or TIFF file ({suffixes})"
@@ -250,134 +197,6 @@ class Volume:
                 "weight": self.weight_internal_path}[kind]
 
 
-def error_summary(err: BaseException) -> str:
-    """The first line of an exception's message (h5py's carry long HDF5 error stacks), or its type name."""
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
-def _dataset(file: h5py.File, key: str, path: Path, role: str) -> h5py.Dataset:
-    """The dataset ``key`` of an open volume file, after checking that it and the data behind it are there.
-
-    h5py answers None for a link whose target is missing, which would read as "does not exist"; a virtual dataset
-    whose source is missing reads as its fill value without any error. Both are found here and named.
-    """
-    try:
-        obj = file.get(key)
-    except READ_ERRORS as err:
-        raise ConfigurationError(
-            f"{role} volume {path}: dataset '{key}' cannot be read ({error_summary(err)}); the file may be corrupt"
-        ) from None
-    if obj is None:
-        _check_links(file, key, path, role)
-    if not isinstance(obj, h5py.Dataset):
-        found: list[str] = []
-        try:
-            file.visititems(lambda name, item: found.append(name) if isinstance(item, h5py.Dataset) else None)
-        except READ_ERRORS:
-            pass  # a damaged file may not list fully; the datasets found so far still help
-        what = "is not a dataset" if obj is not None else "does not exist"
-        raise ConfigurationError(
-            f"{role} volume {path}: dataset '{key}' {what}; datasets in the file: {found or 'none'}"
-        )
-    if obj.is_virtual:
-        _check_virtual_sources(obj, key, path, role)
-    return as_volume(obj)
-
-
-def _linked_file(name: str, holder: Path, env: str) -> Path | None:
-    """Where HDF5 finds the file ``name`` that a link or virtual dataset in ``holder`` refers to, or None.
-
-    The order HDF5 documents for external links and virtual dataset sources: an absolute name as it is; a relative
-    one under the prefix in the environment variable ``env`` (``HDF5_EXT_PREFIX``, ``HDF5_VDS_PREFIX``; ``${ORIGIN}``
-    is the holder's directory), then beside the holder, then in the working directory.
-    """
-    if os.path.isabs(name):
-        return Path(name) if os.path.isfile(name) else None
-    prefixes = [p.replace("${ORIGIN}", str(holder.parent)) for p in os.environ.get(env, "").split(os.pathsep) if p]
-    for directory in (*prefixes, str(holder.parent), os.getcwd()):
-        candidate = Path(directory) / name
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _check_links(file: h5py.File, key: str, path: Path, role: str) -> None:
-    """Raise naming the link target when ``key`` (or a group on its way) is a soft or external link that leads
-    nowhere; return quietly when the name simply does not exist."""
-    group: Any = file
-    walked = ""
-    for part in [p for p in key.split("/") if p]:
-        walked = f"{walked}/{part}"
-        try:
-            link = group.get(part, getlink=True)
-            target = group.get(part)
-        except READ_ERRORS:
-            return  # reported by the caller as unreadable or missing
-        if link is None:
-            return
-        if target is None and isinstance(link, h5py.ExternalLink):
-            name = walked.lstrip("/")
-            where = f"{role} volume {path}: '{name}' is an external link to '{link.path}' in {link.filename}"
-            found = _linked_file(link.filename, path, "HDF5_EXT_PREFIX")
-            if found is None:
-                raise ConfigurationError(
-                    f"{where}, and that file does not exist (looked beside {path} and in the working directory); "
-                    "restore it or store the data in the volume file itself"
-                )
-            raise ConfigurationError(
-                f"{where}, and {found} has no object '{link.path}' (or cannot be read); fix the link or the file"
-            )
-        if target is None and isinstance(link, h5py.SoftLink):
-            raise ConfigurationError(
-                f"{role} volume {path}: '{walked.lstrip('/')}' is a soft link to '{link.path}', which does not exist "
-                "in the file; fix the link"
-            )
-        if target is None:
-            return
-        group = target
-
-
-def _check_virtual_sources(dataset: h5py.Dataset, key: str, path: Path, role: str) -> None:
-    """Check that every source file and dataset of a virtual dataset exists; HDF5 would silently read fill values
-    for the missing ones."""
-    by_file: dict[str, set[str]] = {}
-    for source in dataset.virtual_sources():
-        by_file.setdefault(source.file_name, set()).add(source.dset_name)
-    for name, keys in by_file.items():
-        if "%" in name:
-            continue  # a printf-style file pattern of an unlimited dataset: no fixed file to check
-        where = f"{role} volume {path}: dataset '{key}' is a virtual dataset whose source"
-        if name == ".":
-            found, source_file = path, dataset.file
-        else:
-            found = _linked_file(name, path, "HDF5_VDS_PREFIX")
-            if found is None:
-                raise ConfigurationError(
-                    f"{where} file {name} does not exist (looked beside {path} and in the working directory); "
-                    "HDF5 would read fill values in its place: restore the file or rebuild the virtual dataset"
-                )
-            try:
-                source_file = h5py.File(found, "r")
-            except READ_ERRORS as err:
-                raise ConfigurationError(
-                    f"{where} file {found} cannot be read as an HDF5 file ({error_summary(err)})"
-                ) from None
-        try:
-            for dset in sorted(keys):
-                try:
-                    ok = isinstance(source_file.get(dset), h5py.Dataset)
-                except READ_ERRORS:
-                    ok = False
-                if not ok:
-                    raise ConfigurationError(
-                        f"{where} file {found} has no dataset '{dset}'; HDF5 would read fill values in its place: "
-                        "fix the source or rebuild the virtual dataset"
-                    )
-        finally:
-            if source_file is not dataset.file:
-                source_file.close()
-
-
 def open_volume(
     path: Path,
     role: str,
@@ -389,7 +208,7 @@ def open_volume(
     """Read a volume's metadata (shapes, dtypes) and check its structure; reads no voxel data.
 
     Args:
-        path: the volume's file (HDF5, Zarr store or TIFF; see :mod:`~unet3d_lightning.data.readers`).
+        path: the volume's file (HDF5, Zarr store or TIFF; see :mod:`~unet3d_lightning.data.io`).
         role: ``"train"``, ``"val"``, ``"test"`` or ``"predict"``, for error messages.
         raw_internal_path: dataset of the raw image, ``(D, H, W)`` or ``(C, D, H, W)``. Default ``"raw"``.
         label_internal_path: dataset of the labels, ``(D, H, W)`` class ids or ``(C, D, H, W)`` binary masks of the
@@ -403,8 +222,8 @@ def open_volume(
         ConfigurationError: a missing or non-numeric dataset, an empty raw, shapes that do not fit together.
     """
     with ExitStack() as files:
-        f = files.enter_context(readers.open_file(path, role))
-        labels = f if label_path is None else files.enter_context(readers.open_file(label_path, role))
+        f = files.enter_context(open_file(path, role))
+        labels = f if label_path is None else files.enter_context(open_file(label_path, role))
         label_file = path if label_path is None else label_path
         raw = f.array(raw_internal_path)
         if raw.ndim not in (3, 4):
@@ -529,102 +348,6 @@ def _percentile_step(shape: tuple[int, int, int]) -> int:
     return max(1, math.ceil((d * h * w / PERCENTILE_SAMPLES) ** (1 / 3)))
 
 
-MissingChunksPolicy = Literal["auto", "error", "fill"]
-MISSING_CHUNKS_POLICIES = ("auto", "error", "fill")
-
-
-class ChunkAudit:
-    """What to do with the chunks an array's file does not store (``data.missing_chunks``), which every reader
-    returns as the array's fill value without a word.
-
-    ``"error"``: refuse the array. ``"fill"``: read them as the fill value, with one warning. ``"auto"``: refuse
-    them unless they can be the writer's intent: Zarr lets writers leave out a chunk that holds only the fill value
-    (zarr-python 3 does so by default, as does this package's Zarr output), so the chunks an array lacks are read as
-    its fill value, with one warning, unless the array shows that its writer stores such chunks (it holds a stored
-    chunk of only fill values: the missing ones were lost), or has no fill value (their content is undefined).
-    HDF5 stores every chunk its writer writes, fill values or not, so a chunk it lacks was never written: refused.
-
-    Created before the scan (refusals that need no data are raised there); :meth:`update` sees each slab the scan
-    reads, :meth:`finish` decides at its end.
-
-    Args:
-        missing: from :meth:`~unet3d_lightning.data.readers.VolumeFile.missing_chunks`; None: nothing to audit.
-        where: the file and dataset, as messages name them.
-        policy: ``"auto"``, ``"error"`` or ``"fill"``.
-    """
-
-    def __init__(self, missing: readers.MissingChunks | None, where: str, policy: str) -> None:
-        self.missing = missing
-        self.where = where
-        self.holds_data: np.ndarray | None = None  # per stored chunk: a value other than the fill value seen
-        if missing is None:
-            return
-        m = missing
-        # zarr reads the chunks of an array without a fill value as 0
-        value = 0 if m.fill_value is None else getattr(m.fill_value, "item", lambda: m.fill_value)()
-        self.fill = f"{value:g}" if isinstance(value, float) else str(value)
-        self.head = f"{where} lacks {m.count} of {m.total} chunk(s) (the first {m.describe_first()})"
-        self.fix = (f"restore them (an interrupted write or copy?), or set data.missing_chunks: fill to read them as "
-                    f"{self.fill}")
-        if policy == "fill":
-            self._warn(f"{self.head}; they are read as the fill value {self.fill} (data.missing_chunks: fill)")
-        elif policy == "error":
-            raise ConfigurationError(f"{self.head}, which would be read as the fill value {self.fill}; {self.fix}")
-        elif not m.may_be_omitted:
-            why = ("HDF5 stores every chunk that is written, so these were never written"
-                   if m.encode is None else "the array has no fill value, so their content is undefined")
-            raise ConfigurationError(f"{self.head}: {why}; {self.fix}")
-        else:
-            self.holds_data = np.zeros(m.stored.shape, bool)
-
-    @property
-    def watching(self) -> bool:
-        """Whether :meth:`update` needs the array's slabs."""
-        return self.holds_data is not None
-
-    def update(self, block: np.ndarray, zs: slice) -> None:
-        """Note which chunks of the slab ``block`` (the array's z rows ``zs``) hold a value other than the fill
-        value."""
-        if self.holds_data is None:
-            return
-        fill = self.missing.fill_value  # type: ignore[union-attr]
-        isnan = isinstance(fill, float) and math.isnan(fill)
-        flags = ~np.isnan(block) if isnan else block != fill
-        index = []
-        for axis, size in enumerate(self.missing.view_chunks):  # type: ignore[union-attr]
-            start = zs.start if axis == block.ndim - 3 else 0
-            positions = start + np.arange(flags.shape[axis])
-            cuts = np.flatnonzero((positions % size == 0) | (positions == start))
-            flags = np.logical_or.reduceat(flags, cuts, axis=axis)
-            index.append(slice(start // size, start // size + len(cuts)))
-        self.holds_data[tuple(index)] |= flags
-
-    def finish(self) -> None:
-        """After the scan: refuse the array when a stored chunk held only fill values, else warn."""
-        if self.holds_data is None:
-            return
-        empty = self.missing.stored & ~self.holds_data  # type: ignore[union-attr]
-        if empty.any():
-            raise ConfigurationError(
-                f"{self.head}, but it stores chunks that hold only the fill value {self.fill} (the first "
-                f"{self.missing.describe(np.argwhere(empty)[0])}): its writer keeps such chunks, so the missing ones "
-                f"were lost; {self.fix}"
-            )
-        self._warn(
-            f"{self.head}; they are read as the fill value {self.fill}, as Zarr defines for the chunks that writers "
-            "(zarr-python 3 by default) leave out because they hold only that value; if they were lost instead, "
-            "restore them (data.missing_chunks: error refuses such arrays)"
-        )
-
-    @staticmethod
-    def _warn(message: str) -> None:
-        warnings.warn(message, MissingChunksWarning, stacklevel=4)
-
-
-class MissingChunksWarning(UserWarning):
-    """Chunks that an input array's file does not store are read as its fill value."""
-
-
 def scan_volume(
     volume: Volume,
     *,
@@ -661,8 +384,8 @@ def scan_volume(
     samples: list[np.ndarray] = []
     raw_key, label_key, weight_key = volume.raw_internal_path, volume.label_internal_path, volume.weight_internal_path
     with ExitStack() as files:
-        f = files.enter_context(readers.open_file(path, role))
-        labels = f if volume.label_path is None else files.enter_context(readers.open_file(volume.label_path, role))
+        f = files.enter_context(open_file(path, role))
+        labels = f if volume.label_path is None else files.enter_context(open_file(volume.label_path, role))
         raw = f.array(raw_key)
         label = labels.array(label_key) if label_key else None
         weight = labels.array(weight_key) if weight_key else None
@@ -770,13 +493,13 @@ def _check_weight_block(volume: Volume, block: np.ndarray, zs: slice) -> None:
 def load_arrays(volume: Volume) -> Volume:
     """Read a volume's arrays into ``volume.arrays`` by kind (the ``in_memory`` option, for data that fits in RAM)."""
     with ExitStack() as files:
-        opened: dict[Path, readers.VolumeFile] = {}
+        opened: dict[Path, VolumeFile] = {}
         for kind in ("raw", "label", "weight"):
             key = volume.key_of(kind)
             if key is not None:
                 file = volume.file_of(kind)
                 if file not in opened:
-                    opened[file] = files.enter_context(readers.open_file(file, volume.role))
+                    opened[file] = files.enter_context(open_file(file, volume.role))
                 try:
                     volume.arrays[kind] = np.asarray(opened[file].array(key)[()])
                 except READ_ERRORS as err:
@@ -784,6 +507,54 @@ def load_arrays(volume: Volume) -> Volume:
                         f"{volume.describe(key, kind)} cannot be read ({error_summary(err)}); the file may be corrupt"
                     ) from None
     return volume
+
+
+def read_region(
+    volume: Volume, files: FileCache, kind: str, slices: tuple[slice, slice, slice], is_4d: bool
+) -> np.ndarray:
+    """The region ``slices`` of the volume's ``"raw"``, ``"label"`` or ``"weight"`` array: from memory with
+    ``in_memory`` (a view), else read from its file through ``files`` (this process's open files).
+
+    Args:
+        volume: the volume.
+        files: the reading process's open files.
+        kind: ``"raw"``, ``"label"`` or ``"weight"``.
+        slices: ``(z, y, x)`` slices of the region.
+        is_4d: the array has a leading channel axis, read whole.
+
+    Raises:
+        ConfigurationError: the region cannot be read (the file changed or is damaged since setup).
+    """
+    index = (slice(None), *slices) if is_4d else slices
+    source = volume.arrays.get(kind)
+    if source is not None:
+        return source[index]
+    try:
+        return np.asarray(files.dataset(volume, kind)[index])
+    except READ_ERRORS as err:
+        where = ", ".join(f"{a} {s.start}-{s.stop - 1}" for a, s in zip("zyx", slices))
+        raise ConfigurationError(
+            f"{volume.describe(volume.key_of(kind), kind)} cannot be read at {where} ({error_summary(err)}); the file "
+            "changed or is damaged"
+        ) from None
+
+
+def check_instance_labels(volume: Volume) -> None:
+    """With a label transform, labels must be ``(D, H, W)`` integer instance ids; marks the volume as such."""
+    key = volume.label_internal_path
+    if volume.label_kind != "class_ids":
+        raise ConfigurationError(
+            f"{volume.describe(key, 'label')} is 4D, but data.label_transform needs (D, H, W) instance labels (one id "
+            "per object)"
+        )
+    with open_file(volume.file_of("label"), volume.role) as f:
+        dtype = np.dtype(f.array(key).dtype)
+    if not (np.issubdtype(dtype, np.integer) or dtype == bool):
+        raise ConfigurationError(
+            f"{volume.describe(key, 'label')} has dtype {dtype}, but instance labels must be integer ids (e.g. "
+            "uint32, uint64); convert them, or set data.label_transform: none for class ids"
+        )
+    volume.label_kind = "instances"
 
 
 def check_consistent(
@@ -814,3 +585,4 @@ def check_consistent(
                 f"{first.describe(getattr(first, key))} has {show(getattr(first, attribute))}; all volumes must agree"
             )
     return None if first is None else getattr(first, attribute)
+
