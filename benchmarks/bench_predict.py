@@ -47,10 +47,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+
 try:
     import unet3d_lightning  # noqa: F401
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+# The process's allocator as the unet3d command sets it (UNET3D_CPU_ALLOCATOR, default PyTorch's huge pages), set
+# before torch is imported, which reads it at its first allocation; every way compared here runs in this one process,
+# so all get the same.
+from unet3d_lightning.launcher import configure_allocator  # noqa: E402 - imports nothing heavy
+
+ALLOCATOR = configure_allocator()
 
 import h5py
 import lightning.pytorch as pl
@@ -63,7 +71,7 @@ from unet3d_lightning.data.datamodule import HDF5DataModule
 from unet3d_lightning.data.patches import padded_shape, patch_grid
 from unet3d_lightning.module import UNet3DModule
 from unet3d_lightning.prediction.engine import inference_context
-from unet3d_lightning.prediction.writer import PredictionWriter
+from unet3d_lightning.prediction.callback import PredictionWriter
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -383,11 +391,7 @@ def mib(kib_or_bytes: float, unit: str = "kib") -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # The process's allocator as the unet3d command sets it (UNET3D_CPU_ALLOCATOR, default huge pages: this
-    # re-executes the benchmark once); every way compared here runs in this one process, so all get the same.
-    from unet3d_lightning.launcher import configure_allocator
-
-    print(f"CPU allocator: {configure_allocator()}", flush=True)
+    print(f"CPU allocator: {ALLOCATOR}", flush=True)
     silence_known_noise()  # the same filters as the unet3d command: only the results on screen
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -97,3 +97,16 @@ def test_watershed_recovers_clean_synthetic_cells():
     masked = watershed_instances(raw, foreground, WatershedOptions(min_size=50))
     assert (masked[:, :, :4] == 0).all() and (masked[:, :, 4:] > 0).all()
     assert np.bincount(masked.ravel())[1:].min() >= 50
+
+
+def test_a_missing_instances_extra_is_one_line_naming_it(monkeypatch):
+    import sys
+
+    from unet3d_lightning.errors import ConfigurationError
+    from unet3d_lightning.instances import require_instances_extra
+
+    require_instances_extra("prediction.instances")  # installed here: nothing to say
+    monkeypatch.setitem(sys.modules, "skimage", None)  # what an environment without scikit-image imports
+    with pytest.raises(ConfigurationError, match=r"prediction.instances needs scikit-image, from the optional "
+                       r"'instances' extra: pip install 'unet3d-lightning\[instances\]'"):
+        require_instances_extra("prediction.instances")

@@ -135,7 +135,7 @@ def test_instances_need_a_model_trained_on_boundaries_or_affinities():
 
     from unet3d_lightning import UNet3DModule
     from unet3d_lightning.errors import ConfigurationError
-    from unet3d_lightning.prediction.writer import PredictionWriter
+    from unet3d_lightning.prediction.callback import PredictionWriter
 
     plans = [SimpleNamespace(volume=SimpleNamespace(path="a.h5", spatial_shape=(8, 8, 8)))]
     writer = PredictionWriter(instances=True)

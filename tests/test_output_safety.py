@@ -22,7 +22,7 @@ from conftest import blob_volume, write_h5
 from unet3d_lightning.cli import main
 from unet3d_lightning.errors import ConfigurationError
 from unet3d_lightning.module import UNet3DModule
-from unet3d_lightning.prediction.writer import temporary_path
+from unet3d_lightning.prediction.paths import temporary_path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -176,7 +176,7 @@ class AUserMeanwhile(UNet3DModule):
 
 def test_a_path_that_appears_during_the_run_is_not_replaced(tmp_path):
     from unet3d_lightning.data.datamodule import HDF5DataModule
-    from unet3d_lightning.prediction.writer import PredictionWriter
+    from unet3d_lightning.prediction.callback import PredictionWriter
 
     raw, _ = blob_volume((8, 16, 16), seed=4)
     path = write_h5(tmp_path / "vol.h5", raw=raw)
@@ -289,9 +289,9 @@ def test_temporaries_of_ended_processes_of_this_host_are_removed_with_a_note(tmp
 KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
-from unet3d_lightning.prediction.writer import _VolumeOutput
+from unet3d_lightning.prediction.outputs import VolumeOutput
 for final, fmt in ((sys.argv[1], "hdf5"), (sys.argv[2], "zarr")):
-    output = _VolumeOutput(Path(final), (8, 16, 16), 2, "float32", None, "gzip", None, fmt)
+    output = VolumeOutput(Path(final), (8, 16, 16), 2, "float32", None, "gzip", None, fmt)
     output.write(0, 4, __import__("numpy").zeros((2, 4, 16, 16), "float32"), None)
     print(output.tmp, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)

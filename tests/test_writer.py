@@ -19,8 +19,8 @@ import torch
 from unet3d_lightning.data.datamodule import HDF5DataModule
 from unet3d_lightning.errors import ConfigurationError
 from unet3d_lightning.module import UNet3DModule
-import unet3d_lightning.prediction.writer as writer_module
-from unet3d_lightning.prediction.writer import PredictionWriter
+from unet3d_lightning.prediction.callback import PredictionWriter
+from unet3d_lightning.prediction.outputs import chunks
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import write_h5  # noqa: E402
@@ -260,7 +260,7 @@ def test_datasets_are_chunked_and_compressed_as_asked(tmp_path, compression):
 def test_edge_chunks_in_every_axis_read_back_exactly(tmp_path, monkeypatch, compression, dtype):
     # Chunks of 3 x 5 x 7 voxels on a 13 x 18 x 20 volume: partial chunks along z, y and x, and slabs (z-stride 4)
     # that end inside chunk rows.
-    monkeypatch.setattr(writer_module, "CHUNK_ZYX", (3, 5, 7))
+    monkeypatch.setattr(chunks, "CHUNK_ZYX", (3, 5, 7))
     path, raw = random_volume(tmp_path / "vol.h5", (13, 18, 20), seed=17)
     model = tiny_model(loss="bce", out_channels=2)
     predict(model, [path], tmp_path / "out", (8, 8, 8), (4, 6, 6), save_segmentation=True, dtype=dtype,
@@ -282,7 +282,7 @@ def test_write_error_in_the_background_surfaces_and_cleans_up(tmp_path, monkeypa
     def failing_write(self, z0, rows):
         raise OSError("simulated disk full")
 
-    monkeypatch.setattr(writer_module._ChunkRowDataset, "_write", failing_write)
+    monkeypatch.setattr(chunks.ChunkRowDataset, "_write", failing_write)
     path, _ = random_volume(tmp_path / "vol.h5", (24, 8, 8), seed=18)
     with pytest.raises(OSError, match="simulated disk full"):
         predict(tiny_model(), [path], tmp_path / "out", (8, 8, 8), (4, 8, 8), batch_size=1)

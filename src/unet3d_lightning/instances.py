@@ -33,9 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
-from skimage.feature import peak_local_max
-from skimage.segmentation import watershed
 
 from .errors import ConfigurationError
 
@@ -95,6 +92,26 @@ class WatershedOptions:
                 )
 
 
+def require_instances_extra(what: str) -> None:
+    """Raise a one-line error naming the ``instances`` extra when scikit-image or SciPy is not installed (they are
+    imported only where objects are cut out, so that prediction without instances never loads them).
+
+    Args:
+        what: what needs the extra, as the message starts (``"prediction.instances"``).
+    """
+    missing = []
+    for module, package in (("skimage", "scikit-image"), ("scipy", "scipy")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise ConfigurationError(
+            f"{what} needs {' and '.join(missing)}, from the optional 'instances' extra: "
+            "pip install 'unet3d-lightning[instances]'"
+        )
+
+
 def _is_number(value: Any) -> bool:
     """A real number that is not NaN (bools are not numbers here)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
@@ -137,6 +154,8 @@ def boundary_evidence(
 
 
 def _grow(boundary: np.ndarray, seeds: np.ndarray, foreground: np.ndarray | None, min_size: int) -> np.ndarray:
+    from skimage.segmentation import watershed  # scikit-image (the instances extra) only where instances are made
+
     labels = watershed(boundary, markers=seeds, mask=foreground)
     if min_size > 0:
         sizes = np.bincount(labels.ravel())
@@ -154,6 +173,8 @@ def components_instances(
 ) -> np.ndarray:
     """Instances ``(D, H, W)`` int32: connected components (6-connectivity) of ``boundary < threshold`` (inside the
     foreground) grown over the foreground by a watershed on ``boundary``; 0 outside the foreground."""
+    from scipy import ndimage
+
     interior = boundary < threshold
     if foreground is not None:
         interior &= foreground
@@ -177,6 +198,9 @@ def watershed_instances(
         foreground: bool mask of object voxels. Default None: every voxel.
         options: see :class:`WatershedOptions`. Default ``WatershedOptions()``.
     """
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+
     o = options or WatershedOptions()
     interior = boundary < o.threshold
     if foreground is not None:

@@ -1,0 +1,137 @@
+"""The output of one volume while it is written: a store of a registered format at a temporary name, its datasets
+filled by chunk rows, and the rename to the final name once it is complete."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import ConfigurationError
+from ...instances import WatershedOptions
+from ..paths import not_ours_message, previous_output_problem, remove_path, temporary_path
+from .chunks import ChunkRowDataset
+from .hdf5 import Hdf5Store
+from .zarr import ZarrStore
+
+# The output formats, by the name ``prediction.format`` takes. A new format adds its store here (see
+# :class:`~.base.Store`), its suffix to ``paths.OUTPUT_SUFFIXES`` and what its earlier outputs look like to
+# ``paths.previous_output_problem``.
+STORES: dict[str, Any] = {"hdf5": Hdf5Store, "zarr": ZarrStore}
+
+
+def compresses_in_threads(format: str, compression: str | None) -> bool:
+    """Whether outputs of ``format`` with ``compression`` want a :func:`~.chunks.compression_pool`."""
+    return STORES[format].encoder(compression) is not None
+
+
+class VolumeOutput:
+    """The temporary HDF5 file (or Zarr store) of one volume while it is being written; renamed to its final name
+    when complete.
+
+    Args:
+        final: the output's final path (:func:`~unet3d_lightning.prediction.paths.output_path`).
+        shape: the volume's ``(D, H, W)``.
+        channels: the model's output channels.
+        dtype: storage type of ``predictions`` (``"float32"``, ``"float16"``, or ``"uint8"``: probability × 255).
+        segmentation: ``"argmax"``, ``"threshold"`` or None: what ``segmentation`` holds, if written.
+        compression: ``"gzip"``, ``"lzf"`` or None.
+        pool: threads compressing chunks, or None.
+        format: a name of :data:`STORES`. Default ``"hdf5"``.
+        instances: (the model's target spec, watershed settings) to write ``instances`` when the maps are complete,
+            or None. Default None.
+    """
+
+    def __init__(
+        self, final: Path, shape: Sequence[int], channels: int, dtype: str, segmentation: str | None,
+        compression: str | None, pool: ThreadPoolExecutor | None, format: str = "hdf5",
+        instances: tuple[dict[str, Any], WatershedOptions] | None = None,
+    ) -> None:
+        self.final = final
+        self.instances = instances
+        self.compression = compression
+        self.tmp = temporary_path(final)
+        self.format = format
+        store = STORES[format]
+        try:
+            remove_path(self.tmp)  # left by a killed run of a process with our pid
+            self.file: Any = store(self.tmp, compression)
+        except BaseException:
+            self._remove_tmp()  # it may exist before the failure (HDF5 creates the file, then fails on a full disk)
+            raise
+        try:
+            d, h, w = (int(n) for n in shape)
+            self.scale = 255.0 if dtype == "uint8" else 1.0
+            self.predictions = ChunkRowDataset(self.file, "predictions", (channels, d, h, w), dtype, pool)
+            self.predictions.dataset.attrs["scale"] = self.scale  # probabilities = stored values / scale
+            self.segmentation: ChunkRowDataset | None = None
+            self.segmentation_kind = segmentation
+            if segmentation == "argmax":
+                seg_dtype = "uint8" if channels <= 256 else "uint16"
+                self.segmentation = ChunkRowDataset(self.file, "segmentation", (d, h, w), seg_dtype, pool)
+            elif segmentation == "threshold":
+                self.segmentation = ChunkRowDataset(self.file, "segmentation", (channels, d, h, w), "uint8", pool)
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, z0: int, z1: int, probabilities: np.ndarray, segmentation: np.ndarray | None) -> None:
+        """Store rows ``[z0, z1)``: float32 ``(C, z1 - z0, H, W)`` probabilities and, if computed already (on the
+        device), their segmentation; otherwise the segmentation is derived here."""
+        if self.segmentation is not None and segmentation is None:
+            if self.segmentation_kind == "argmax":
+                segmentation = probabilities.argmax(0).astype(self.segmentation.dataset.dtype)
+            else:
+                segmentation = (probabilities > 0.5).astype(np.uint8)
+        if self.scale != 1.0:
+            probabilities = np.clip(np.rint(probabilities * self.scale), 0, self.scale)
+        # The chunk-row buffers have the storage dtype: copying into them is the cast.
+        self.predictions.add(z0, z1, probabilities)
+        if self.segmentation is not None:
+            self.segmentation.add(z0, z1, segmentation)
+
+    def commit(self) -> None:
+        """Finish every dataset, then rename the store to its final name (replacing an earlier output there)."""
+        self.predictions.close()
+        if self.segmentation is not None:
+            self.segmentation.close()
+        if self.instances is not None:
+            self._write_instances(*self.instances)
+        self.file.close()
+        # Checked at setup too; this catches what appeared at the final name while the volume was predicted.
+        problem = previous_output_problem(self.final, self.format)
+        if problem is not None:
+            raise ConfigurationError(not_ours_message(self.final, problem))
+        self.file.replace(self.tmp, self.final)
+
+    def _write_instances(self, spec: dict[str, Any], options: WatershedOptions) -> None:
+        """Read the complete maps back and write their watershed as ``instances``: the watershed needs the whole
+        volume at once, which the streamed slabs never were."""
+        from ...instances import boundary_evidence, instance_dtype, watershed_instances
+
+        maps = np.asarray(self.predictions.dataset[...], np.float32)
+        if self.scale != 1.0:
+            maps /= self.scale
+        boundary, foreground = boundary_evidence(maps, spec, options.threshold)
+        del maps
+        labels = watershed_instances(boundary, foreground, options)
+        count = int(labels.max()) if labels.size else 0
+        # Written like the other outputs (same chunks and compression, HDF5 or Zarr), in one go.
+        output = ChunkRowDataset(self.file, "instances", labels.shape, instance_dtype(count), None)
+        output.add(0, labels.shape[0], labels)
+        output.close()
+        output.dataset.attrs["count"] = count
+        output.dataset.attrs["method"] = f"seeded watershed of {spec['kind']}: {options}"
+
+    def discard(self) -> None:
+        """Close and delete the temporary file; never raises, since it runs while another error is handled."""
+        self.file.discard()
+        self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
+        with contextlib.suppress(OSError):
+            remove_path(self.tmp)
