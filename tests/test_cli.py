@@ -1,69 +1,33 @@
-"""The unet3d command: in-process runs through main(args=...), plus a few real subprocess runs (marked slow)."""
+"""The unet3d command's runs: fit, validate, test, the saved and printed configs, seeds, the example configs,
+training without validation, fast_dev_run, and the monitored metrics of checkpointing, early stopping and the
+learning-rate scheduler. In-process runs through main(args=...), plus one real subprocess run (slow)."""
 
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import blob_volume, write_h5
+from conftest import load_checkpoint_file as load
+from conftest import (  # noqa: F401 - other test files import subprocess_env and unet3d_command from here
+    checkpoint_state,
+    make_config,
+    run_dir,
+    scores,
+    steps_per_epoch,
+    subprocess_env,
+    unet3d_command,
+    version_dir,
+)
 from unet3d_lightning import UNet3DModule
 from unet3d_lightning.cli import main
+from unet3d_lightning.module import metric_mode
 
-TINY_MODEL = ["--model.f_maps", "4", "--model.num_levels", "2", "--model.num_groups", "2"]
-
-
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    """main(args=...) stands for the command line: pytest's own arguments must not be visible beside it."""
-    monkeypatch.setattr(sys, "argv", ["unet3d"])
+pytestmark = pytest.mark.usefixtures("command_line")
 
 
-def unet3d_command() -> list[str]:
-    """The installed console script next to this Python, else the module (same entry point)."""
-    script = Path(sys.executable).parent / "unet3d"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "unet3d_lightning"]
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONWARNINGS"] = "default"  # show every warning the run raises, so the test sees them
-    return env
-
-
-@pytest.fixture
-def run_config(tmp_path):
-    """A small fit config on blob volumes; returns its path."""
-    data = tmp_path / "data"
-    for name, seed in (("train_0", 0), ("train_1", 1), ("val_0", 2)):
-        raw, label = blob_volume(shape=(8, 16, 16), seed=seed)
-        write_h5(data / f"{name}.h5", raw=raw, label=label)
-    config = {
-        "seed_everything": 7,
-        "trainer": {"default_root_dir": str(tmp_path / "runs"), "accelerator": "cpu", "max_epochs": 2,
-                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False},
-        "model": {"out_channels": 2, "f_maps": 4, "num_levels": 2, "num_groups": 2, "learning_rate": 0.01},
-        "data": {"train_paths": [str(data / "train_*.h5")], "val_paths": [str(data / "val_0.h5")],
-                 "train_patch_shape": [8, 8, 8], "train_stride_shape": [8, 8, 8], "val_patch_shape": [8, 16, 16], "batch_size": 2,
-                 "num_workers": 0},
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def version_dir(root: Path) -> Path:
-    versions = sorted((root / "lightning_logs").glob("version_*"))
-    assert versions, f"no run under {root}"
-    return versions[-1]
-
-
+# ------------------------------------------------------------------------------------------ fit, validate, test
 def test_fit_writes_checkpoints_config_and_a_summary(run_config, tmp_path, capsys):
     main(["fit", "--config", str(run_config)])
     run = version_dir(tmp_path / "runs")
@@ -177,13 +141,83 @@ def test_original_example_configs_run(config, loss, tmp_path, monkeypatch):
     assert checkpoint["hyper_parameters"]["upsample"] == "interpolate"
 
 
-def test_configuration_errors_end_with_one_error_line(run_config, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(run_config), "--data.train_paths", f"[{tmp_path / 'missing.h5'}]"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"error: train volume {tmp_path / 'missing.h5'}: file does not exist"
-    assert not (tmp_path / "runs").exists()  # nothing written
+# ------------------------------------------------------------------------------------------ training without validation
+def test_fit_with_limit_val_batches_0_keeps_checkpoints_by_training_loss(tmp_path, capsys):
+    config = make_config(tmp_path, str(tmp_path / "runs"), max_epochs=3)
+    main(["fit", "--config", str(config), "--trainer.limit_val_batches", "0"])
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if line.startswith("note: no validation")]
+    assert notes == ["note: no validation (trainer.limit_val_batches is 0): best.ckpt is chosen by train/loss_epoch, "
+                     "early stopping is off"]
+    checkpoints = run_dir(tmp_path / "runs") / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    last = load(checkpoints / "last.ckpt")
+    assert last["global_step"] == 3 * steps_per_epoch(config)
+    assert not any(key.startswith("EarlyStopping") for key in last["callbacks"])
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert state["monitor"] == "train/loss_epoch"
+    assert f"best checkpoint: {checkpoints / 'best.ckpt'} (train/loss_epoch = " in captured.out
+
+
+def test_last_checkpoint_is_the_latest_state_when_the_score_stops_improving(tmp_path):
+    config = make_config(tmp_path, str(tmp_path / "runs"), max_epochs=3)
+    # lr 0: the validation loss never improves on the first one, so best.ckpt stays at the first epoch
+    main(["fit", "--config", str(config), "--model.learning_rate", "0.0"])
+    checkpoints = run_dir(tmp_path / "runs") / "checkpoints"
+    assert load(checkpoints / "best.ckpt")["global_step"] == steps_per_epoch(config)
+    assert load(checkpoints / "last.ckpt")["global_step"] == 3 * steps_per_epoch(config)
+
+
+@pytest.mark.parametrize("logger", ["true", "false"])
+def test_fast_dev_run_writes_no_checkpoints(tmp_path, capsys, logger):
+    config = make_config(tmp_path, str(tmp_path / "runs"))
+    for _ in range(2):
+        main(["fit", "--config", str(config), "--trainer.fast_dev_run", "true", "--trainer.logger", logger])
+    assert "checkpoints:     none (fast_dev_run saves none)" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+# ------------------------------------------------------------------------------------------ monitored metrics
+@pytest.mark.parametrize("name, mode", [
+    ("val/loss", "min"), ("train/loss_epoch", "min"), ("val/arand", "min"), ("val/error_rate", "min"),
+    ("val/dice", "max"), ("val/dice_class1", "max"), ("val/iou", "max"), ("val/ap", "max"), ("val/f1", "max"),
+    ("val/accuracy", "max"), ("val/map", None), ("val/something", None), ("lr-Adam", None),
+])
+def test_metric_direction_follows_the_name(name, mode):
+    assert metric_mode(name) == mode
+
+
+def test_monitoring_dice_keeps_the_highest_dice(tmp_path):
+    config = make_config(tmp_path, str(tmp_path / "runs"), max_epochs=4)
+    main(["fit", "--config", str(config), "--checkpoint.monitor", "val/dice", "--early_stopping.monitor", "val/dice"])
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    dice = scores(run, "val/dice")
+    assert len(dice) == 4
+    state = checkpoint_state(run / "checkpoints" / "best.ckpt")
+    assert float(state["best_model_score"]) == pytest.approx(max(dice), rel=1e-6)
+    assert torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["global_step"] == 2 * (1 + dice.index(max(dice)))
+    callbacks = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    early = next(v for k, v in callbacks.items() if k.startswith("EarlyStopping"))
+    assert float(early["best_score"]) == pytest.approx(max(dice), rel=1e-6)
+    assert yaml.safe_load((run / "config.yaml").read_text())["checkpoint"]["mode"] == "max"
+
+
+def test_an_explicit_mode_is_kept(tmp_path):
+    config = make_config(tmp_path, str(tmp_path / "runs"), max_epochs=3)
+    main(["fit", "--config", str(config), "--checkpoint.monitor", "val/dice", "--checkpoint.mode", "min"])
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    assert float(checkpoint_state(run / "checkpoints" / "best.ckpt")["best_model_score"]) == pytest.approx(
+        min(scores(run, "val/dice")), rel=1e-6)
+
+
+def test_plateau_scheduler_direction_follows_its_monitor(trained, tmp_path):
+    config, _ = trained
+    plateau = ["--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau",
+               "--model.lr_scheduler_monitor", "val/dice", "--trainer.max_steps", "1"]
+    for root, extra, mode in (("a", [], "max"), ("b", ["--model.lr_scheduler.mode", "min"], "min")):
+        main(["fit", "--config", str(config), *plateau, *extra, "--trainer.default_root_dir", str(tmp_path / root)])
+        last = tmp_path / root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+        assert torch.load(last, weights_only=True)["lr_schedulers"][0]["mode"] == mode
 
 
 @pytest.mark.slow
@@ -206,15 +240,3 @@ def test_real_command_fits_quietly_and_checkpoint_loads(run_config, tmp_path):
     rebuilt.load_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(model(x), rebuilt(x))
-
-
-@pytest.mark.slow
-def test_real_command_reports_bad_input_in_one_line(run_config, tmp_path):
-    result = subprocess.run(
-        [*unet3d_command(), "fit", "--config", str(run_config), "--model.in_channels", "2"],
-        capture_output=True, text=True, env=subprocess_env(), timeout=300,
-    )
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: train volume ") and "has 1 channel(s) but the model has in_channels=2" in last
-    assert "Traceback" not in result.stderr

@@ -254,7 +254,7 @@ def _duration(seconds: float) -> str:
 
 class ProgressBar(TQDMProgressBar):
     """Lightning's progress bar for fit, validate and test; prediction shows one bar per volume instead (drawn by
-    :class:`~unet3d_lightning.prediction.writer.PredictionWriter`), so the overall predict bar is hidden."""
+    :class:`~unet3d_lightning.prediction.callback.PredictionWriter`), so the overall predict bar is hidden."""
 
     def init_predict_tqdm(self) -> Any:
         return Tqdm(desc=self.predict_description, disable=True)

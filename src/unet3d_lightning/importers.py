@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 import secrets
 import shlex
@@ -50,6 +49,7 @@ from typing import Any
 
 import torch
 
+from .checkpoints import CheckpointReadError, load_file
 from .errors import ConfigurationError
 
 SUPPORTED_MODELS = {
@@ -196,18 +196,18 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigurationError(f"model_path {path}: file does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as err:
-        raise ConfigurationError(f"model_path {path}: cannot be read ({err.strerror or err})") from None
-    except Exception as err:  # noqa: BLE001 - any failure means the file is not a readable checkpoint
+        checkpoint = load_file(path)
+    except CheckpointReadError as err:
+        if err.reason in ("unreadable", "missing", "directory"):
+            raise ConfigurationError(f"model_path {path}: cannot be read ({err.detail or err.reason})") from None
         if _is_yaml_mapping(path):
             raise ConfigurationError(
                 f"model_path {path}: is a YAML file (a config?), not a PyTorch checkpoint; give pytorch-3dunet's "
                 "best_checkpoint.pytorch as --model_path and its training config as --config"
             ) from None
-        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+        if err.reason == "python_objects":
             # torch's advice is weights_only=False, i.e. running whatever code the file holds: never for a download.
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", err.detail)
             what = f" such as {found.group(1)}" if found else ""
             raise ConfigurationError(
                 f"model_path {path}: cannot be read safely: it holds Python objects{what} besides tensors and "
@@ -246,7 +246,7 @@ def read_config(path: Path) -> dict[str, Any]:
     file and lines (PyYAML would keep the last one silently, and the weights would then not fit)."""
     import yaml
 
-    from .cli import _UniqueKeyLoader
+    from .config_files import UniqueKeyLoader, yaml_problem
 
     if path.is_dir():
         raise ConfigurationError(f"config {path}: is a directory; give pytorch-3dunet's training config (a YAML file)")
@@ -261,12 +261,9 @@ def read_config(path: Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigurationError(f"config {path}: cannot be read ({err.strerror or err})") from None
     try:
-        config = yaml.load(text, Loader=_UniqueKeyLoader)
+        config = yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" line {where.line + 1}:" if where is not None else ""
-        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
-        raise ConfigurationError(f"config {path}:{line} {problem}") from None
+        raise ConfigurationError(f"config {path}:{yaml_problem(err)}") from None
     if not isinstance(config, dict):
         raise ConfigurationError(f"config {path}: is not a YAML mapping with a 'model' section")
     return config

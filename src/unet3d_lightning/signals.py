@@ -47,6 +47,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .checkpoints import load_file
+
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1")
                      if hasattr(signal, name))
 # Signals a worker process leaves to the main process (a hang-up reaches the whole process group at once).
@@ -221,9 +223,7 @@ class GracefulShutdown(Callback):
 
 
 def _saved_step(path: str | Path) -> int:
-    import torch
-
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
+        return int(load_file(path).get("global_step", -1))
     except Exception:  # noqa: BLE001 - only for the message
         return -1

@@ -1,7 +1,9 @@
-"""Bad input, table-driven: each user mistake the command can see ends with exit status 2, one last `error:` line
-saying what is wrong (file, dataset, problem), and nothing written — no run directory, no prediction file."""
+"""User mistakes the command can see, each ending with exit status 2, one last `error:` line saying what is wrong
+(file, dataset, setting, problem) and nothing written — no run directory, no prediction file: a table of bad inputs
+for fit and predict, then the Trainer settings, monitors, subcommands and root directories. In-process runs through
+main(args=...), two in a subprocess (slow)."""
 
-import sys
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -9,15 +11,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import blob_volume, write_h5
+from conftest import blob_volume, error_line, make_config, subprocess_env, unet3d_command, write_h5
 from unet3d_lightning.cli import main
 
-
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["unet3d"])
+pytestmark = pytest.mark.usefixtures("command_line")
 
 
+# ------------------------------------------------------------------------------------------ bad inputs, table-driven
 @pytest.fixture
 def workspace(tmp_path):
     """Good inputs, a fit config for them, and a trained checkpoint for the prediction rows."""
@@ -156,3 +156,116 @@ def test_predict_mistakes(workspace, checkpoint, capsys, name, args, expected):
         assert _fill(piece, workspace, None) in last, last
     assert not out.exists() or not any(out.iterdir())  # no prediction (nor temporary) file
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 1  # the checkpoint is untouched
+
+
+# ------------------------------------------------------------------------------------------ one line, nothing written
+def test_configuration_errors_end_with_one_error_line(run_config, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(run_config), "--data.train_paths", f"[{tmp_path / 'missing.h5'}]"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: train volume {tmp_path / 'missing.h5'}: file does not exist"
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_error_lines_carry_no_terminal_escape_codes(trained, tmp_path, capsys):
+    cfg = yaml.safe_load(trained[0].read_text())
+    cfg["data"]["train_paths"] = [str(tmp_path / "\x1b[31mred\x1b[0m.h5")]
+    config = tmp_path / "escape.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "red" in line and ".h5" in line
+
+
+# ------------------------------------------------------------------------------------------ settings
+def test_gpu_accelerator_without_a_gpu(trained, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = error_line(capsys, ["fit", "--config", str(trained[0]), "--trainer.accelerator", "gpu"])
+    assert "trainer.accelerator gpu: no CUDA GPU is visible" in line and "--trainer.accelerator cpu" in line
+
+
+def test_root_dir_under_a_regular_file(trained, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("x")
+    line = error_line(capsys, ["fit", "--config", str(trained[0]), "--trainer.default_root_dir",
+                               str(tmp_path / "notes.txt" / "runs")])
+    assert f"trainer.default_root_dir {tmp_path / 'notes.txt' / 'runs'}: {tmp_path / 'notes.txt'} is a file" in line
+
+
+@pytest.mark.parametrize("flag, monitor, expected", [
+    ("--checkpoint.monitor", "val/dsc", "checkpoint.monitor 'val/dsc' is not a metric this model logs; did you mean "
+                                        "val/dice?"),
+    ("--early_stopping.monitor", "val/dice_clas1", "early_stopping.monitor 'val/dice_clas1' is not a metric this "
+                                                   "model logs; did you mean val/dice_class1?"),
+])
+def test_a_mistyped_monitor_fails_before_training(tmp_path, capsys, flag, monitor, expected):
+    config = make_config(tmp_path, str(tmp_path / "runs"))
+    line = error_line(capsys, ["fit", "--config", str(config), flag, monitor])
+    assert expected in line and "val/loss" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_validation_monitor_set_explicitly_is_still_checked(tmp_path, capsys):
+    config = make_config(tmp_path, str(tmp_path / "runs"))
+    line = error_line(capsys, ["fit", "--config", str(config), "--trainer.limit_val_batches", "0",
+                               "--early_stopping.monitor", "val/dice"])
+    assert "early_stopping.monitor 'val/dice' is not a metric this model logs without validation " \
+           "(trainer.limit_val_batches is 0)" in line and "train/loss_epoch" in line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_evaluating_without_a_checkpoint_is_an_error(trained, capsys, subcommand):
+    line = error_line(capsys, [subcommand, "--config", str(trained[0])])
+    assert f"{subcommand} needs --ckpt_path" in line and "random weights" in line
+
+
+def test_a_second_run_without_a_logger_into_the_same_root_dir(tmp_path, capsys):
+    config = make_config(tmp_path, str(tmp_path / "runs"), max_epochs=1, logger=False)
+    main(["fit", "--config", str(config)])
+    assert (tmp_path / "runs" / "config.yaml").is_file()
+    before = (tmp_path / "runs" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    line = error_line(capsys, ["fit", "--config", str(config)])
+    assert "already holds a run without a logger" in line and "--ckpt_path" in line
+    assert (tmp_path / "runs" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == before
+
+
+def test_a_mistyped_subcommand_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fitt"])
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "invalid choice: 'fitt'" in line
+    for name in ("fit", "validate", "test", "predict", "import-pytorch3dunet"):
+        assert f"'{name}'" in line
+
+
+# ------------------------------------------------------------------------------------------ in a subprocess
+@pytest.mark.slow
+def test_real_command_reports_bad_input_in_one_line(run_config, tmp_path):
+    result = subprocess.run(
+        [*unet3d_command(), "fit", "--config", str(run_config), "--model.in_channels", "2"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: train volume ") and "has 1 channel(s) but the model has in_channels=2" in last
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_ddp_with_fewer_patches_than_devices_fails_once_before_anything_is_written(tmp_path):
+    config = make_config(tmp_path, str(tmp_path / "runs"))
+    result = subprocess.run(
+        [*unet3d_command(), "fit", "--config", str(config), "--data.train_patch_shape", "[8, 16, 16]",
+         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: only 1 training patches for 2 devices; use smaller strides or fewer devices"]
+    assert not (tmp_path / "runs").exists()

@@ -1,6 +1,6 @@
-"""Speed settings: channels-last memory format, CPU bf16, cuDNN autotuning, torch.compile and the default number of
-DataLoader workers. Each must leave the numbers unchanged (or within the documented bf16 tolerance) and checkpoints
-interchangeable."""
+"""Run settings that change how fast a run goes, not what it computes: channels-last memory format, CPU bf16, cuDNN
+autotuning, torch.compile and the default number of DataLoader workers. Each must leave the numbers unchanged (or
+within the documented bf16 tolerance) and checkpoints interchangeable."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from unet3d_lightning.data.datamodule import HDF5DataModule, default_num_workers
 from unet3d_lightning.networks import UNet3D
 from unet3d_lightning.module import UNet3DModule, channels_last_format, cpu_has_fast_bf16, network_memory_format
 
+pytestmark = pytest.mark.usefixtures("command_line")
 # The tolerance documented in the README's Tuning section for CPU bf16-mixed prediction (max abs difference of the
 # probabilities from float32).
 BF16_TOLERANCE = 0.03
