@@ -30,10 +30,18 @@ import tempfile
 import time
 from pathlib import Path
 
+
 try:
     import unet3d_lightning  # noqa: F401
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+# The process's allocator as the unet3d command sets it (UNET3D_CPU_ALLOCATOR, default PyTorch's huge pages), set
+# before torch is imported, which reads it at its first allocation; every way compared here runs in this one process,
+# so all get the same.
+from unet3d_lightning.launcher import configure_allocator  # noqa: E402 - imports nothing heavy
+
+ALLOCATOR = configure_allocator()
 
 import lightning.pytorch as pl
 import numpy as np
@@ -183,11 +191,7 @@ def run_plain(batches: list[dict[str, torch.Tensor]], args: argparse.Namespace, 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # The process's allocator as the unet3d command sets it (UNET3D_CPU_ALLOCATOR, default huge pages: this
-    # re-executes the benchmark once); every way compared here runs in this one process, so all get the same.
-    from unet3d_lightning.launcher import configure_allocator
-
-    print(f"CPU allocator: {configure_allocator()}", flush=True)
+    print(f"CPU allocator: {ALLOCATOR}", flush=True)
     silence_known_noise()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_train_"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -7,21 +7,24 @@ This module imports nothing heavy, so that it can act before torch is loaded.
 MiB in every forward pass. glibc's malloc serves each of them with a fresh ``mmap`` and returns it on ``free``, so
 every batch page-faults all of its activations in again, 4 KiB at a time, and the kernel zeroes each page: on the
 benchmark machine that system time was a third of the network's time. Tools commonly preload jemalloc or tcmalloc
-(``LD_PRELOAD``) against it; ``unet3d`` gets the same from glibc itself:
+(``LD_PRELOAD``) against it; ``unet3d`` uses PyTorch's own switch instead:
 
-* ``hugepages`` (default): glibc's ``glibc.malloc.hugetlb=1`` tunable, which asks for transparent huge pages for
-  malloc's memory: 2 MiB pages, 512 times fewer faults, memory still returned when freed (no growth of the peak).
-  glibc reads tunables only at process start, so ``unet3d`` re-executes itself once, at once, with
-  ``GLIBC_TUNABLES`` set (same process id, same arguments). Used where glibc ≥ 2.35 and the kernel's transparent
-  huge pages are ``always`` or ``madvise``, and only when the command runs by itself (see *Wrapping tools*);
-  elsewhere this is ``system``.
+* ``hugepages`` (default): ``THP_MEM_ALLOC_ENABLE=1``, which PyTorch's CPU allocator reads once, at its first
+  allocation: every tensor buffer of 2 MiB or more is then page-aligned and given ``madvise(MADV_HUGEPAGE)``, so the
+  kernel maps it in 2 MiB pages instead of 4 KiB ones (on the benchmark machine 25 to 50 times fewer page faults);
+  memory is still returned when freed (no growth of the peak). The variable is set in this process's environment
+  before torch is imported; reader processes and DDP ranks inherit it. Used where the kernel's transparent huge
+  pages are ``always`` or ``madvise``; elsewhere this is ``system``. (glibc's ``glibc.malloc.hugetlb=1`` tunable
+  does the same for all of malloc's memory, but glibc reads it only at process start, so the process would have to
+  re-execute itself; measured, it is no faster: ``benchmarks/bench_allocator.py``.)
 * ``reuse``: ``mallopt`` keeps freed memory in the heap (no ``mmap`` per allocation, no trimming) and reuses it:
   faster still on some CPUs, but heap fragmentation raises the process's peak memory (by about the size of one
   forward pass's activations);
 * ``system``: leave the allocator as it is.
 
-Nothing is changed when the user set glibc's variables (``GLIBC_TUNABLES``, ``MALLOC_*``) or preloads another
-allocator. ``unet3d_lightning.cli.main`` (the in-process API used by scripts and tests) never changes the allocator.
+Nothing is changed when the user set allocator variables of their own (``THP_MEM_ALLOC_ENABLE``, glibc's
+``GLIBC_TUNABLES`` or ``MALLOC_*``) or preloads another allocator. ``unet3d_lightning.cli.main`` (the in-process API
+used by scripts and tests) never changes the allocator.
 
 **Output** (:func:`standard_streams`). A standard stream closed at start (``unet3d predict … >&-``, as daemons and
 some schedulers start jobs) is given ``/dev/null``: the run completes, and no file the run opens can take the
@@ -31,13 +34,14 @@ Python documentation advises for SIGPIPE, so every later write goes there, from 
 from the interpreter's last flush at exit (:class:`PipeSafe`); the run finishes its files.
 
 **Exit.** Once a run has finished and its outputs are closed, tearing down the interpreter (thousands of modules
-imported by torch and Lightning) takes another second or two. ``unet3d`` ends the process without that teardown,
-after what the interpreter does first: non-daemon threads are joined, exit handlers run, output is flushed.
+imported by torch and Lightning, and the garbage collector's passes over their objects) takes another second or so,
+a quarter of a small prediction. ``unet3d`` ends the process without that teardown, after what the interpreter does
+first: non-daemon threads are joined, exit handlers run, output is flushed.
 
 **Wrapping tools.** Under a profiler, debugger or coverage tool (``python -m cProfile -m unet3d_lightning …``,
-``coverage run``, ``pdb``), re-executing would run the tool a second time and the quick exit would skip the tool's
-own work after the run (writing the profile or the coverage data). Both are done only when the process is the
-command itself (:func:`invoked_directly`); otherwise the run returns and exits as any Python program.
+``coverage run``, ``pdb``), the quick exit would skip the tool's own work after the run (writing the profile or the
+coverage data): it is done only when the process is the command itself (:func:`invoked_directly`); otherwise the
+run returns and exits as any Python program. The allocator setting applies in both cases.
 """
 
 from __future__ import annotations
@@ -52,13 +56,12 @@ from typing import Any
 
 ENV_VAR = "UNET3D_CPU_ALLOCATOR"
 CHOICES = ("hugepages", "reuse", "system")
-HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+# PyTorch's CPU allocator (c10/core/impl/alloc_cpu.cpp) reads this once, at its first allocation; "1" or "0".
+TORCH_HUGEPAGES_VAR = "THP_MEM_ALLOC_ENABLE"
 
-_USER_SETTINGS = ("GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_",
-                  "MALLOC_ARENA_MAX", "MALLOC_TOP_PAD_")
+_USER_SETTINGS = (TORCH_HUGEPAGES_VAR, "GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
+                  "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "MALLOC_TOP_PAD_")
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
-# Set in the re-executed process: the allocator mode applied by the launcher (for the run's own report).
-_APPLIED_VAR = "_UNET3D_ALLOCATOR_APPLIED"
 
 # mallopt parameters, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -67,7 +70,8 @@ M_ARENA_MAX = -8
 
 
 def allocator_choice(environ: dict[str, str] | None = None) -> str:
-    """The requested mode, one of :data:`CHOICES`. Raises ``ValueError`` for anything else."""
+    """The requested mode, one of :data:`CHOICES` (default ``"hugepages"``), from ``environ`` (default
+    ``os.environ``). Raises ``ValueError`` for anything else."""
     env = os.environ if environ is None else environ
     choice = env.get(ENV_VAR, "").strip().lower() or "hugepages"
     if choice not in CHOICES:
@@ -76,10 +80,10 @@ def allocator_choice(environ: dict[str, str] | None = None) -> str:
 
 
 def user_controls_allocator(environ: dict[str, str] | None = None) -> bool:
-    """Whether the user chose allocator settings of their own (glibc variables or a preloaded allocator)."""
+    """Whether ``environ`` (default ``os.environ``) holds allocator settings of the user's own (PyTorch's huge-page
+    switch, glibc variables or a preloaded allocator). A process started by ``unet3d`` (a reader process, a DDP
+    rank) inherits the launcher's ``THP_MEM_ALLOC_ENABLE=1`` and counts it as set: it is kept as it is."""
     env = os.environ if environ is None else environ
-    if _APPLIED_VAR in env:
-        return False  # GLIBC_TUNABLES is ours: set by the launcher before re-executing
     preload = env.get("LD_PRELOAD", "")
     return any(name in env for name in _USER_SETTINGS) or any(name in preload for name in _OTHER_ALLOCATORS)
 
@@ -99,7 +103,8 @@ def glibc_version() -> tuple[int, int] | None:
 
 
 def transparent_hugepages(path: str = "/sys/kernel/mm/transparent_hugepage/enabled") -> str | None:
-    """The kernel's transparent huge page mode (``always``, ``madvise`` or ``never``), or None if unknown."""
+    """The kernel's transparent huge page mode (``always``, ``madvise`` or ``never``) read from ``path`` (default:
+    the kernel's setting), or None if unknown."""
     try:
         with open(path) as f:
             text = f.read()
@@ -110,31 +115,27 @@ def transparent_hugepages(path: str = "/sys/kernel/mm/transparent_hugepage/enabl
 
 
 def hugepages_supported() -> bool:
-    version = glibc_version()
-    return version is not None and version >= (2, 35) and transparent_hugepages() in ("always", "madvise")
+    """Whether ``madvise(MADV_HUGEPAGE)`` takes effect here: Linux with transparent huge pages ``always`` or
+    ``madvise`` (with ``never`` the advice is ignored)."""
+    return sys.platform.startswith("linux") and transparent_hugepages() in ("always", "madvise")
 
 
-def configure_allocator(argv: list[str] | None = None, reexec: bool = True) -> str:
-    """Apply ``UNET3D_CPU_ALLOCATOR`` to this process; return the mode in effect (``"user"`` when the user's own
-    settings win). For ``hugepages`` this re-executes the process (it does not return) unless already done;
-    with ``reexec=False`` it leaves the allocator as it is instead (``"system"``)."""
+def configure_allocator() -> str:
+    """Apply ``UNET3D_CPU_ALLOCATOR`` to this process; return the mode in effect: ``"hugepages"``, ``"reuse"``,
+    ``"system"``, or ``"user"`` when the user's own settings win.
+
+    Call it before torch is imported: PyTorch reads its huge-page switch at its first allocation, so once torch is
+    loaded ``hugepages`` can no longer be known to apply and is ``"system"`` (nothing set)."""
     choice = allocator_choice()
-    if os.environ.get(_APPLIED_VAR):
-        return os.environ[_APPLIED_VAR]
     if choice == "system":
         return "system"
     if user_controls_allocator():
         return "user"
     if choice == "hugepages":
-        if not reexec or not hugepages_supported():
+        if not hugepages_supported() or "torch" in sys.modules:
             return "system"
-        env = dict(os.environ, GLIBC_TUNABLES=HUGEPAGES_TUNABLE, **{_APPLIED_VAR: "hugepages"})
-        command = list(sys.orig_argv) if argv is None else argv
-        _flush_standard_streams()
-        try:
-            os.execve(sys.executable, command, env)
-        except OSError:
-            return "system"  # cannot re-execute (unusual sandboxes): run as is
+        os.environ[TORCH_HUGEPAGES_VAR] = "1"
+        return "hugepages"
     libc = _glibc()
     if libc is None:
         return "system"
@@ -169,12 +170,18 @@ def exit_status(code: object) -> int:
 def quick_exit(status: int) -> None:
     """End the process now, after what the interpreter's own exit does first: non-daemon threads are joined
     (``threading``'s shutdown, which also stops ``concurrent.futures`` pools), exit handlers run (joining reader
-    processes, closing loggers), streams are flushed; the interpreter's teardown is skipped."""
+    processes, closing loggers), streams are flushed, Python's and the C library's (what C code, such as oneDNN's
+    verbose log, printed into a pipe or file); the interpreter's teardown is skipped.
+
+    Args:
+        status: the process's exit status.
+    """
     try:
         _join_threads()
         atexit._run_exitfuncs()
     finally:
         _flush_standard_streams()
+        _flush_c_streams()
         os._exit(status)
 
 
@@ -189,6 +196,14 @@ def _join_threads() -> None:
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
+
+
+def _flush_c_streams() -> None:
+    # The C library flushes its stdio buffers in exit(), which os._exit skips.
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def _flush_standard_streams() -> None:
@@ -257,37 +272,66 @@ _READER_GONE = (errno.EPIPE, errno.EIO)
 
 
 class PipeSafe:
-    """A text stream that stops writing, instead of raising, once its reader has gone away.
+    """A stream that stops writing, instead of raising, once its reader has gone away.
 
     ``unet3d predict … | head`` closes the pipe after a few lines, a dropped SSH session the terminal; Python then
     raises ``BrokenPipeError`` (or an ``OSError`` EIO) at the next message (from Lightning, the progress bar,
     anywhere), which would abort the run and lose its outputs. Through this wrapper the run goes on and finishes its
     files; what it would have printed is dropped. At the first such failure ``/dev/null`` is duplicated onto the
     stream's descriptor (the Python documentation's advice for SIGPIPE): what is still buffered, writes by other
-    objects on the same descriptor and the interpreter's flush at exit then succeed instead of failing again."""
+    objects on the same descriptor and the interpreter's flush at exit then succeed instead of failing again.
+
+    Every way of writing through it is guarded: ``write``, ``writelines``, ``flush``, ``close`` and the binary
+    ``buffer`` beneath a text stream (itself wrapped); everything else is the wrapped stream's.
+
+    Args:
+        stream: the text or binary stream to wrap (``sys.stdout``, ``sys.stderr``, their ``buffer``).
+    """
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
+        self._buffer: PipeSafe | None = None
         self.broken = False
 
-    def write(self, text: str) -> int:
-        if not self.broken:
-            try:
-                return self._stream.write(text)
-            except OSError as err:
-                if err.errno not in _READER_GONE:
-                    raise
-                self._reader_gone()
-        return len(text)
+    def _guarded(self, method: str, *args: Any) -> Any:
+        """``stream.method(*args)``; None, once the reader has gone (this call's failure, or an earlier one)."""
+        if self.broken:
+            return None
+        try:
+            return getattr(self._stream, method)(*args)
+        except OSError as err:
+            if err.errno not in _READER_GONE:
+                raise
+            self._reader_gone()
+            return None
+
+    def write(self, data: Any) -> int:
+        written = self._guarded("write", data)
+        if written is not None:
+            return written
+        return memoryview(data).nbytes if isinstance(data, (bytes, bytearray, memoryview)) else len(data)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:  # line by line, so that a failure part-way drops only the rest
+            self.write(line)
 
     def flush(self) -> None:
-        if not self.broken:
-            try:
-                self._stream.flush()
-            except OSError as err:
-                if err.errno not in _READER_GONE:
-                    raise
-                self._reader_gone()
+        self._guarded("flush")
+
+    def close(self) -> None:
+        self._guarded("flush")  # what close would flush first, and fail on
+        try:
+            self._stream.close()
+        except OSError as err:
+            if err.errno not in _READER_GONE:
+                raise
+
+    @property
+    def buffer(self) -> PipeSafe:
+        """The binary stream beneath a text stream, guarded the same way (``AttributeError`` if there is none)."""
+        if self._buffer is None:
+            self._buffer = PipeSafe(self._stream.buffer)
+        return self._buffer
 
     def _reader_gone(self) -> None:
         self.broken = True
@@ -317,7 +361,7 @@ def run() -> None:
     standard_streams()
     direct = invoked_directly(sys._getframe(1))
     try:
-        configure_allocator(reexec=direct)
+        configure_allocator()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
