@@ -354,3 +354,60 @@ def test_config_file_spells_regression_settings(tmp_path):
     main(fit_args(tmp_path, path, None, "--config", str(tmp_path / "c.yaml"), "--trainer.max_steps", "1"))
     saved = yaml.safe_load(next((tmp_path / "runs").rglob("config.yaml")).read_text())
     assert saved["model"]["loss"] == "smooth_l1" and saved["data"]["target_normalization"] == "like_raw"
+
+
+# ------------------------------------------------------------------------------------------------------- import
+@pytest.mark.parametrize("theirs, ours", [("MSELoss", "mse"), ("L1Loss", "l1"), ("SmoothL1Loss", "smooth_l1")])
+def test_pytorch3dunet_regression_losses_map_to_ours(theirs, ours):
+    from unet3d_lightning.importers import model_settings
+
+    model = {"name": "UNet3D", "in_channels": 1, "out_channels": 2, "is_segmentation": False}
+    settings, notes = model_settings(model, "config c.yml", {"name": theirs, "ignore_index": -1})
+    assert settings["loss"] == ours and settings["ignore_index"] == -1 and not notes
+    assert UNet3DModule(**settings).task == "regression"
+    settings, notes = model_settings(model, "config c.yml", {"name": "WeightedSmoothL1Loss"})
+    assert settings["loss"] == "mse" and "WeightedSmoothL1Loss" in notes[0]
+    settings, notes = model_settings(model, "config c.yml")
+    assert settings["loss"] == "mse" and "names no loss" in notes[0]
+    # segmentation networks are read as before, whatever their loss section says
+    segmentation, _ = model_settings({**model, "is_segmentation": True}, "config c.yml", {"name": "MSELoss"})
+    assert segmentation["loss"] == "bce" and UNet3DModule(**segmentation).task == "segmentation"
+
+
+def test_imported_pytorch3dunet_regression_model_predicts_its_own_forward_pass(tmp_path, capsys):
+    p3d_model = pytest.importorskip("pytorch3dunet.unet3d.model", reason="the pytorch3dunet test dependency")
+    p3d_utils = pytest.importorskip("pytorch3dunet.unet3d.utils")
+
+    settings = dict(in_channels=1, out_channels=1, f_maps=8, num_levels=3, layer_order="gcr", num_groups=4,
+                    is_segmentation=False)
+    torch.manual_seed(0)
+    theirs = p3d_model.UNet3D(**settings)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.3)
+    theirs.eval()
+    assert theirs.final_activation is None  # their regression network: no activation, at training or prediction
+    # what pytorch-3dunet's trainer writes (UNetTrainer._save_checkpoint), and its training config
+    p3d_utils.save_checkpoint({"num_epochs": 2, "num_iterations": 50, "model_state_dict": theirs.state_dict(),
+                               "best_eval_score": 31.5}, is_best=True, checkpoint_dir=str(tmp_path / "p3d"))
+    config = {"model": {"name": "UNet3D", **settings}, "loss": {"name": "SmoothL1Loss"},
+              "eval_metric": {"name": "PSNR"}, "trainer": {"checkpoint_dir": str(tmp_path / "p3d")}}
+    (tmp_path / "train_config.yml").write_text(yaml.safe_dump(config))
+    main(["import-pytorch3dunet", "--model_path", str(tmp_path / "p3d" / "best_checkpoint.pytorch"),
+          "--config", str(tmp_path / "train_config.yml"), "--output", str(tmp_path / "model.ckpt")])
+    assert "error" not in capsys.readouterr().err
+
+    volume = regression_volume(tmp_path / "noisy.h5", seed=2)
+    main(["predict", "--ckpt_path", str(tmp_path / "model.ckpt"), "--trainer.accelerator", "cpu",
+          "--data.predict_paths", f"[{volume}]", "--data.predict_patch_shape", "[8, 16, 16]",
+          "--prediction.output_dir", str(tmp_path / "out"), "--trainer.enable_progress_bar", "false"])
+    with h5py.File(volume, "r") as f:
+        x = torch.from_numpy(normalised(f["raw"][()]))
+    with h5py.File(tmp_path / "out" / "noisy_predictions.h5", "r") as f:
+        ours = f["predictions"][()]
+    with torch.no_grad():
+        expected = theirs(x)[0].numpy()
+    assert np.abs(ours - expected).max() <= 1e-4
+    assert (ours < 0).any() and (ours > 1).any()
+    imported = UNet3DModule.load_from_checkpoint(tmp_path / "model.ckpt", map_location="cpu")
+    assert imported.task == "regression" and imported.hparams.loss == "smooth_l1"
