@@ -305,12 +305,16 @@ def test_regression_without_validation_weights_like_raw_and_integer_targets(tmp_
     target = rng.integers(400, 600, shape).astype(np.uint16)
     weight = rng.uniform(0, 2, shape).astype(np.float32)
     path = regression_volume(tmp_path / "u.h5", target=target, weight=weight)
-    main(fit_args(tmp_path, path, None, "--trainer.max_steps", "2", "--data.weight_internal_path", "weight",
-                  "--data.target_normalization", "like_raw", "--data.augmentation.flip", "false",
-                  "--data.augmentation.rotate90", "false"))
+    # the settings as a user writes them in a config file
+    config = {"model": {"loss": "smooth_l1"}, "data": {"target_normalization": "like_raw", "weight_internal_path": "weight"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    main(fit_args(tmp_path, path, None, "--config", str(tmp_path / "c.yaml"), "--trainer.max_steps", "2",
+                  "--data.augmentation.flip", "false", "--data.augmentation.rotate90", "false"))
     assert "best.ckpt is chosen by train/loss_epoch" in capsys.readouterr().err
     checkpoints = next((tmp_path / "runs").rglob("checkpoints"))
     assert (checkpoints / "best.ckpt").exists() and (checkpoints / "last.ckpt").exists()
+    saved = yaml.safe_load((checkpoints.parent / "config.yaml").read_text())
+    assert saved["model"]["loss"] == "smooth_l1" and saved["data"]["target_normalization"] == "like_raw"
 
     # the training patches hold the target scaled by the raw's statistics, and the loss weighs each voxel
     from unet3d_lightning.data.datamodule import VolumeDataModule
@@ -343,17 +347,6 @@ def test_like_raw_needs_paired_channels(tmp_path, capsys):
                     "--data.target_normalization", "like_raw")
     line = error_line(capsys, args)
     assert "3 target channel(s) but 'raw' has 2" in line and "like_raw" in line, line
-
-
-def test_config_file_spells_regression_settings(tmp_path):
-    """The YAML keys as a user writes them, read back from the run's config.yaml."""
-    path = regression_volume(tmp_path / "v.h5")
-    config = {"model": {"loss": "smooth_l1", "out_channels": 1, **TINY},
-              "data": {"target_normalization": "like_raw"}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    main(fit_args(tmp_path, path, None, "--config", str(tmp_path / "c.yaml"), "--trainer.max_steps", "1"))
-    saved = yaml.safe_load(next((tmp_path / "runs").rglob("config.yaml")).read_text())
-    assert saved["model"]["loss"] == "smooth_l1" and saved["data"]["target_normalization"] == "like_raw"
 
 
 # ------------------------------------------------------------------------------------------------------- import
