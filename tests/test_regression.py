@@ -306,7 +306,8 @@ def test_regression_without_validation_weights_like_raw_and_integer_targets(tmp_
     weight = rng.uniform(0, 2, shape).astype(np.float32)
     path = regression_volume(tmp_path / "u.h5", target=target, weight=weight)
     # the settings as a user writes them in a config file
-    config = {"model": {"loss": "smooth_l1"}, "data": {"target_normalization": "like_raw", "weight_internal_path": "weight"}}
+    config = {"model": {"loss": "smooth_l1"},
+              "data": {"target_normalization": "like_raw", "weight_internal_path": "weight"}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     main(fit_args(tmp_path, path, None, "--config", str(tmp_path / "c.yaml"), "--trainer.max_steps", "2",
                   "--data.augmentation.flip", "false", "--data.augmentation.rotate90", "false"))

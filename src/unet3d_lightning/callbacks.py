@@ -93,8 +93,8 @@ class ValidationImages(Callback):
             return
         batch = outputs.get("batch", batch)  # the batch the probabilities belong to (DDP padding removed)
         panel = middle_slice_panel(
-            batch["raw"][0], batch["label"][0], outputs["probabilities"][0], bool(getattr(pl_module, "multiclass", True)),
-            regression=getattr(pl_module, "task", "segmentation") == "regression",
+            batch["raw"][0], batch["label"][0], outputs["probabilities"][0],
+            bool(getattr(pl_module, "multiclass", True)), regression=getattr(pl_module, "task", "segmentation") == "regression",
         )
         for logger in loggers:
             logger.experiment.add_image("val/images", panel, global_step=trainer.global_step)

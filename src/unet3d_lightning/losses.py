@@ -638,7 +638,9 @@ def regression_loss(
     # Ignored elements may hold anything; the values that count must be finite, or the mean is NaN.
     safe = torch.where(valid, target, prediction.detach().to(target.dtype))
     if safe.numel() and not bool(torch.isfinite(safe).all()):
-        raise ValueError("regression target contains NaN or Inf; clean the target or mark such voxels with ignore_index.")
+        raise ValueError(
+            "regression target contains NaN or Inf; clean the target or mark such voxels with ignore_index."
+        )
     prediction = prediction.float()
     if kind == "mse":
         per_element = F.mse_loss(prediction, safe, reduction="none")
@@ -721,7 +723,8 @@ class SmoothL1Loss(_RegressionLoss):
 
     .. math::
 
-        \\ell(d) = \\begin{cases} 0.5\\, d^2 / \\beta & |d| < \\beta \\\\ |d| - 0.5\\, \\beta & \\text{otherwise}\\end{cases}
+        \\ell(d) = \\begin{cases} 0.5\\, d^2 / \\beta & |d| < \\beta \\\\
+                              |d| - 0.5\\, \\beta & \\text{otherwise}\\end{cases}
 
     averaged as in :func:`regression_loss`; without weights and ignored elements it equals
     ``F.smooth_l1_loss(x, y, beta=beta)``: quadratic for small errors, linear (robust) for large ones.
@@ -735,7 +738,9 @@ class SmoothL1Loss(_RegressionLoss):
 
     kind = "smooth_l1"
 
-    def __init__(self, weight: Sequence[float] | None = None, ignore_index: int | None = None, beta: float = 1.0) -> None:
+    def __init__(
+        self, weight: Sequence[float] | None = None, ignore_index: int | None = None, beta: float = 1.0
+    ) -> None:
         super().__init__(weight=weight, ignore_index=ignore_index)
         if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
             raise ValueError(f"beta must be a finite number > 0, got {beta!r}.")

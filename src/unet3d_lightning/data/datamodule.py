@@ -17,11 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigurationError
-from ..regression import TARGET_NORMALIZATIONS, TargetNormalization
 from .datasets import Location, PatchDataset, PredictDataset, PredictionPlan, Shape3
 from .io import MISSING_CHUNKS_POLICIES, MissingChunksPolicy, volume_format
 from .loader import PatchLoader, default_num_workers
 from .patches import padded_shape, patch_grid
+from .regression_targets import TARGET_NORMALIZATIONS, TargetNormalization
 from .sampling import ShardedSampler, keep_foreground_patches
 from .targets import LABEL_TRANSFORMS, LabelTransform, LabelTransformName, TargetOptions
 from .transforms import Augmentation
@@ -126,11 +126,11 @@ class VolumeDataModule(pl.LightningDataModule):
             ``label_internal_path`` holds a float target ``(D, H, W)`` or ``(C, D, H, W)`` of the raw's shape (checked
             finite at setup; ``C`` must equal ``model.out_channels``): ``"none"`` trains on the stored values;
             ``"like_raw"`` applies the raw volume's normalisation (its statistics, this ``normalization``) to the target
-            too, without the percentile clipping (see :func:`~unet3d_lightning.regression.normalize_target`), so that
-            target and input share units; prediction then writes outputs in those units. Spatial augmentations move
-            the target with the raw (the elastic warp interpolates it trilinearly, or reads the nearest voxel when
-            ``model.ignore_index`` marks voxels without a target); intensity and noise augmentations change the raw
-            only. Default ``"none"``.
+            too, without the percentile clipping (see
+            :func:`~unet3d_lightning.data.regression_targets.normalize_target`), so that target and input share units;
+            prediction then writes outputs in those units. Spatial augmentations move the target with the raw (the
+            elastic warp interpolates it trilinearly, or reads the nearest voxel when ``model.ignore_index`` marks
+            voxels without a target); intensity and noise augmentations change the raw only. Default ``"none"``.
     """
 
     def __init__(

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..regression import normalize_target
+from .regression_targets import normalize_target
 from .io.handles import FileCache
 from .sampling import PaddingIndex
 from .targets import LabelTransform, relabel
@@ -66,8 +66,8 @@ class PatchDataset(Dataset):
 
     Returns dicts with ``raw`` float32 ``(C, pz, py, px)``, ``label`` (int64 ``(pz, py, px)`` class ids, float32
     ``(C, pz, py, px)`` masks, or for a regression target float32 ``(C, pz, py, px)``, a 3D target as one channel,
-    scaled by ``target_normalization``, see :func:`~unet3d_lightning.regression.normalize_target`) and ``weight``
-    float32 when the volumes have one.
+    scaled by ``target_normalization``, see :func:`~unet3d_lightning.data.regression_targets.normalize_target`)
+    and ``weight`` float32 when the volumes have one.
     """
 
     def __init__(
