@@ -200,6 +200,7 @@ def fit_args(tmp_path, train, val=None, *extra):
 
 @pytest.mark.parametrize("case, words", [
     ("nan", ["t.h5: dataset 'label'", "NaN at (z, y, x) = (3, 5, 7)", "and 1 more", "ignore_index"]),
+    ("float64", ["holds 1e+39, beyond the float32 range", "(c, z, y, x) = (0, 2, 3, 4)"]),
     ("shape", ["dataset 'label' has shape (8, 16, 15)", "regression target"]),
     ("channels", ["regression target (C, D, H, W) with C = 2", "out_channels=1", "set model.out_channels to 2"]),
     ("transform", ["data.label_transform 'boundaries'", "regression model"]),
@@ -214,6 +215,9 @@ def test_bad_targets_and_settings_end_in_one_error_line(tmp_path, capsys, case, 
         target = np.ones((8, 16, 16), np.float32)
         target[3, 5, 7] = np.nan
         target[6, 0, 0] = np.inf
+    elif case == "float64":
+        target = np.ones((1, 8, 16, 16))
+        target[0, 2, 3, 4] = 1e39
     elif case == "shape":
         target = np.ones((8, 16, 15), np.float32)
     elif case == "channels":
@@ -338,6 +342,20 @@ def test_regression_without_validation_weights_like_raw_and_integer_targets(tmp_
         out = model(x)[0, 0].numpy().astype(np.float64)
     w = weight[:, :8, :8].astype(np.float64)
     assert float(loss) == pytest.approx(float((w * (out - expected) ** 2).sum() / w.sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("ignore_index, interpolated", [(None, True), (-1, False)])
+def test_the_elastic_warp_interpolates_targets_unless_ignore_values_must_survive(tmp_path, ignore_index, interpolated):
+    from unet3d_lightning.data.datamodule import VolumeDataModule
+    from unet3d_lightning.data.transforms import ElasticDeformation
+
+    path = regression_volume(tmp_path / "e.h5")
+    model = UNet3DModule(out_channels=1, loss="mse", ignore_index=ignore_index, **TINY)
+    data = VolumeDataModule(train_paths=[str(path)], train_patch_shape=(8, 8, 8), num_workers=0,
+                            augmentation=Augmentation(elastic=True))
+    data.check("fit", model)
+    warps = [t for t in data._build_dataset("train").transforms if isinstance(t, ElasticDeformation)]
+    assert len(warps) == 1 and warps[0].interpolate_label is interpolated
 
 
 def test_like_raw_needs_paired_channels(tmp_path, capsys):

@@ -282,6 +282,7 @@ class VolumeDataModule(pl.LightningDataModule):
             raise ConfigurationError(f"data.{roles[0]}_paths is empty: {stage} needs at least one volume")
         self._check_offsets(roles)
         spec = self._model_spec(model)
+        self._checked_spec = spec  # the datasets follow the model checked, also without a trainer
         self._check_regression_settings(spec)
         for role in roles:
             self.volumes[role] = self._load_volumes(role, spec)
@@ -491,7 +492,7 @@ class VolumeDataModule(pl.LightningDataModule):
                 f"no {role} patches left: data.min_foreground_fraction={self.min_foreground_fraction} rejected all "
                 f"patches of {len(volumes)} volume(s); lower it or raise data.empty_patch_keep_share"
             )
-        spec = self._model_spec()
+        spec = self._model_spec() if self.trainer is not None else getattr(self, "_checked_spec", self._model_spec())
         regression = any(v.label_kind == "regression" for v in volumes)
         if role != "train":
             transforms = None

@@ -520,7 +520,8 @@ def check_regression_block(volume: Volume, block: np.ndarray, zs: slice, ignore_
     """
     if not np.issubdtype(block.dtype, np.floating):
         return  # integer targets are finite, and every integer type fits float32's range
-    finite = np.isfinite(block.astype(np.float32)) if block.dtype.itemsize > 4 else np.isfinite(block)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range turns Inf here, as it would in the network
+        finite = np.isfinite(block.astype(np.float32)) if block.dtype.itemsize > 4 else np.isfinite(block)
     if finite.all():
         return
     bad = np.argwhere(~finite)
