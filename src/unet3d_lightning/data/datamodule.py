@@ -390,6 +390,12 @@ class VolumeDataModule(pl.LightningDataModule):
         entries = self.label_paths.get(role)
         if entries is None:
             for path in paths:
+                if volume_format(path) == "nifti":
+                    raise ConfigurationError(
+                        f"{role} volume {path}: a NIfTI file holds one image, so its labels must be in a file of "
+                        f"their own (e.g. case_seg.nii.gz beside case.nii.gz); list the label files in "
+                        f"data.label_paths.{role}, in the order of the volumes"
+                    )
                 if volume_format(path) == "tiff":
                     raise ConfigurationError(
                         f"{role} volume {path}: a TIFF file holds one image, so its labels must be in a file of "
@@ -414,9 +420,10 @@ class VolumeDataModule(pl.LightningDataModule):
                 )
         if self.weight_internal_path is not None:
             for label in labels:
-                if volume_format(label) == "tiff":
+                if volume_format(label) in ("tiff", "nifti"):
+                    kind = "TIFF" if volume_format(label) == "tiff" else "NIfTI"
                     raise ConfigurationError(
-                        f"{role} volume {label}: a TIFF label file holds only the labels; per-voxel weights "
+                        f"{role} volume {label}: a {kind} label file holds only the labels; per-voxel weights "
                         f"(data.weight_internal_path) need an HDF5 or Zarr label file"
                     )
         return labels

@@ -79,7 +79,10 @@ class PredictionWriter(Callback):
         tta: flip test-time augmentation: average the predictions of the 8 flips of each patch (8× the compute).
             Default False.
         format: ``"hdf5"``: one HDF5 file ``<stem>_predictions.h5`` per volume; ``"zarr"``: one Zarr (format 3)
-            store ``<stem>_predictions.zarr`` (needs the ``formats`` extra). Default ``"hdf5"``.
+            store ``<stem>_predictions.zarr`` (needs the ``formats`` extra); ``"nifti"``: ``<stem>_predictions.nii.gz``
+            ``(x, y, z, C)`` and, with ``save_segmentation``, ``<stem>_segmentation.nii.gz`` ``(x, y, z)``, with the
+            input's NIfTI header and affine, or an affine of its voxel size (needs nibabel, from the ``formats``
+            extra; see :mod:`~unet3d_lightning.prediction.outputs.nifti`). Default ``"hdf5"``.
         instances: also write ``instances``, a ``(D, H, W)`` uint32/uint64 instance segmentation from a seeded
             watershed of the stitched maps; only for models trained with ``data.label_transform`` boundaries or
             affinities. MEMORY: unlike the rest of prediction, which streams, the watershed holds the WHOLE volume:
@@ -105,7 +108,7 @@ class PredictionWriter(Callback):
         dtype: Literal["float32", "float16", "uint8"] = "float32",
         compression: Literal["gzip", "lzf", "none"] = "gzip",
         tta: bool = False,
-        format: Literal["hdf5", "zarr"] = "hdf5",
+        format: Literal["hdf5", "zarr", "nifti"] = "hdf5",
         instances: bool = False,
         watershed: WatershedOptions = WatershedOptions(),
     ) -> None:
@@ -117,6 +120,10 @@ class PredictionWriter(Callback):
             raise ConfigurationError(f"prediction.compression {compression!r} is not one of gzip, lzf, none")
         if format not in STORES:
             raise ConfigurationError(f"prediction.format {format!r} is not one of {', '.join(STORES)}")
+        if format == "nifti":
+            from ..data.io.nifti import require_nibabel
+
+            require_nibabel("prediction.format nifti")
         if format == "zarr":
             require_formats_extra("prediction.format zarr")
             if compression == "lzf":
@@ -345,6 +352,7 @@ class PredictionWriter(Callback):
                 self._output = VolumeOutput(
                     final, plan.volume.spatial_shape, channels, self.dtype, segmentation, self.compression, self._pool,
                     self.format, instances=(self._targets, self.watershed) if self._targets else None,
+                    volume=plan.volume,
                 )
             self._writer = BackgroundWriter()
             if trainer.progress_bar_callback is not None:
