@@ -225,6 +225,8 @@ def test_nifti_output_has_the_input_affine_header_and_the_hdf5_values(tmp_path, 
 
     # a second run into the same directory replaces our earlier outputs; a foreign NIfTI file there is refused
     predict(tiny_model(), source, tmp_path / "out", "nifti", dtype="uint8")
+    # the earlier segmentation, which the new predictions would not match, is gone with the earlier output
+    assert sorted(os.listdir(tmp_path / "out")) == ["case_predictions.nii.gz"]
     image = nibabel.load(final)
     assert image.dataobj.get_unscaled().dtype == np.uint8  # 0..255 with scl_slope 1/255: readers see probabilities
     assert image.dataobj.slope == pytest.approx(1 / 255)

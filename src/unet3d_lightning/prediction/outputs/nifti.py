@@ -142,6 +142,11 @@ class NiftiStore:
         for name in sorted(names, key=lambda n: n == "predictions"):
             target = final if name == "predictions" else sibling_path(final, name)
             os.replace(source / f"{name}.nii.gz", target)
+        # An earlier run's segmentation or instances beside the new predictions would not match them; they were
+        # checked to be ours (paths.previous_output_problem) before this rename.
+        for name in ("segmentation", "instances"):
+            if name not in names:
+                sibling_path(final, name).unlink(missing_ok=True)
         shutil.rmtree(source, ignore_errors=True)
 
 
