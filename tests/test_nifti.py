@@ -308,3 +308,22 @@ def test_fit_and_predict_through_the_cli_with_labels_in_their_own_nifti_files(tm
         np.testing.assert_allclose(probabilities, f["predictions"][()], atol=1e-5, rtol=0)
         segmentation, _ = read_nifti_zyx(tmp_path / "out" / "case_09_segmentation.nii.gz")
         np.testing.assert_array_equal(segmentation, f["segmentation"][()])
+
+
+def test_one_folder_layout_a_pattern_that_picks_up_the_segmentations_is_named(tmp_path):
+    raw, label = good()
+    for name in ("case_001", "case_002"):
+        write_nifti(tmp_path / f"{name}.nii.gz", raw)
+        write_nifti(tmp_path / f"{name}_seg.nii.gz", label)
+    dm = VolumeDataModule(train_paths=[str(tmp_path / "case_*.nii.gz")], train_patch_shape=(8, 8, 8),
+                          label_paths={"train": [str(tmp_path / "case_*_seg.nii.gz")]}, num_workers=0)
+    with pytest.raises(ConfigurationError) as info:
+        dm.setup("fit")
+    assert str(info.value).startswith(f"data.label_paths.train: the label file {tmp_path / 'case_001_seg.nii.gz'} "
+                                      "is also a train volume")
+    # the images alone pair with their segmentations by position, both sorted by name
+    dm = VolumeDataModule(train_paths=[str(tmp_path / "case_???.nii.gz")], train_patch_shape=(8, 8, 8),
+                          label_paths={"train": [str(tmp_path / "case_???_seg.nii.gz")]}, num_workers=0)
+    dm.setup("fit")
+    assert [(v.path.name, v.label_path.name) for v in dm.volumes["train"]] == [
+        ("case_001.nii.gz", "case_001_seg.nii.gz"), ("case_002.nii.gz", "case_002_seg.nii.gz")]

@@ -444,6 +444,17 @@ class VolumeDataModule(pl.LightningDataModule):
             return [None] * len(paths)
         # Not made unique: a label file listed twice pairs with two volumes, which is the mistake to name.
         labels = resolve_paths(entries, f"label_paths.{role}", unique=False)
+        volumes = {p.resolve(): p for p in paths}
+        for label in labels:
+            if label.resolve() in volumes and volume_format(label) in ("tiff", "nifti"):
+                # a TIFF or NIfTI file holds one image: it cannot be a volume and its own labels (a directory or
+                # pattern that picked up case_seg.nii.gz beside case.nii.gz)
+                raise ConfigurationError(
+                    f"data.label_paths.{role}: the label file {label} is also a {role} volume of data.{role}_paths, "
+                    f"whose directory or pattern picks up the label files too; select only the images (e.g. "
+                    f"'data/case_???.nii.gz' beside 'data/case_???_seg.nii.gz'), or keep the labels in a folder of "
+                    "their own"
+                )
         if len(labels) != len(paths):
             raise ConfigurationError(
                 f"data.label_paths.{role} expands to {len(labels)} file(s) ({_names(labels)}) but "
