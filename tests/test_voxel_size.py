@@ -190,6 +190,9 @@ def test_fit_records_the_voxel_size_and_predict_warns_once_naming_both(tmp_path,
               "--prediction.output_dir", str(tmp_path / "out"), "--trainer.accelerator", "cpu"])
     messages = [str(w.message) for w in caught if issubclass(w.category, VoxelSizeWarning)]
     assert len(messages) == 1, messages
+    (record,) = [w for w in caught if issubclass(w.category, VoxelSizeWarning)]
+    shown = warnings.formatwarning(record.message, record.category, record.filename, record.lineno, record.line)
+    assert shown.count("\n") == 1  # what stderr shows: one line, no line of source code under it
     assert messages[0].startswith(f"predict volume {coarse}: voxel size (4.0, 1.0, 1.0) µm differs from the "
                                   "model's (2.0, 0.5, 0.5) µm")
     assert (tmp_path / "out" / "coarse_predictions.h5").is_file()  # a warning, not an error

@@ -363,7 +363,8 @@ class VolumeDataModule(pl.LightningDataModule):
         for message in messages:
             if message is not None and message not in self._voxel_size_warnings:
                 self._voxel_size_warnings.add(message)
-                warnings.warn(message, VoxelSizeWarning, stacklevel=3)
+                # One line on stderr: as a warning of no source file, Python prints no second line of code.
+                warnings.warn_explicit(message, VoxelSizeWarning, "unet3d", 0, module="unet3d_lightning.data")
 
     def _check_offsets(self, roles: Sequence[str]) -> None:
         """Every affinity offset must link voxels inside a patch: one as long as the patch links none (its channel
