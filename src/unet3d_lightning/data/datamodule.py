@@ -451,8 +451,8 @@ class VolumeDataModule(pl.LightningDataModule):
                 # a TIFF or NIfTI file holds one image: it cannot be a volume and its own labels (a directory or
                 # pattern that picked up case_seg.nii.gz beside case.nii.gz)
                 raise ConfigurationError(
-                    f"data.label_paths.{role}: the label file {label} is also a {role} volume of data.{role}_paths, "
-                    f"whose directory or pattern picks up the label files too; select only the images (e.g. "
+                    f"data.label_paths.{role}: the label file {label} is also a {role} volume of data.{role}_paths "
+                    f"(listed there, or picked up by a directory or pattern); select only the images (e.g. "
                     f"'data/case_???.nii.gz' beside 'data/case_???_seg.nii.gz'), or keep the labels in a folder of "
                     "their own"
                 )
