@@ -184,6 +184,16 @@ def test_bad_nifti_inputs_each_end_in_one_line(tmp_path):
     message = fit_error(tmp_path, image, seg, weight_internal_path="weight")
     assert f"{seg}: a NIfTI label file holds only the labels" in message
 
+    complex_path = tmp_path / "complex.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(raw.T.astype(np.complex64), np.eye(4)), complex_path)
+    message = fit_error(tmp_path, complex_path, seg)
+    assert f"{complex_path}: dataset 'raw' has complex dtype complex64" in message
+    rgb_path = tmp_path / "rgb.nii.gz"
+    rgb = np.zeros(raw.T.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nibabel.save(nibabel.Nifti1Image(rgb, np.eye(4)), rgb_path)
+    message = fit_error(tmp_path, rgb_path, seg)
+    assert f"{rgb_path}: dataset 'raw' has non-numeric dtype" in message
+
     message = fit_error(tmp_path, tmp_path / "absent.nii.gz", seg)
     assert "absent.nii.gz" in message and "does not exist" in message
 
