@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -23,6 +24,8 @@ from .loader import PatchLoader, default_num_workers
 from .patches import padded_shape, patch_grid
 from .regression_targets import TARGET_NORMALIZATIONS, TargetNormalization
 from .sampling import ShardedSampler, keep_foreground_patches
+from .resample import Resampling, model_grid_shape
+from .spacing import VoxelSize, common_voxel_size, mismatch_warning
 from .targets import LABEL_TRANSFORMS, LabelTransform, LabelTransformName, TargetOptions
 from .transforms import Augmentation
 from .volumes import (
@@ -131,6 +134,12 @@ class VolumeDataModule(pl.LightningDataModule):
             prediction then writes outputs in those units. Spatial augmentations move the target with the raw (the
             elastic warp interpolates it trilinearly, or reads the nearest voxel when ``model.ignore_index`` marks
             voxels without a target); intensity and noise augmentations change the raw only. Default ``"none"``.
+        voxel_size: ``(z, y, x)`` voxel size of every volume, for files that record none or a wrong one; it
+            replaces what the files record (NIfTI zooms, OME-Zarr scale, ImageJ/OME-TIFF sizes, ``element_size_um``)
+            and keeps a file's unit, or has no unit when the file records none. Training records the voxel size of
+            its data in the checkpoint; prediction warns about volumes of another voxel size (and resamples them
+            with ``--prediction.rescale true``). See :mod:`~unet3d_lightning.data.spacing`. Default None: what each
+            file records.
     """
 
     def __init__(
@@ -162,6 +171,7 @@ class VolumeDataModule(pl.LightningDataModule):
         target_options: TargetOptions = TargetOptions(),
         missing_chunks: MissingChunksPolicy = "auto",
         target_normalization: TargetNormalization = "none",
+        voxel_size: tuple[float, float, float] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(augmentation, Mapping):  # as stored in a checkpoint's hyperparameters
@@ -229,6 +239,13 @@ class VolumeDataModule(pl.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.volumes: dict[str, list[Volume]] = {}
         self._scanned: dict[tuple[Any, ...], Volume] = {}
+        self.voxel_size = _voxel_size_setting(voxel_size)
+        # The voxel size of the training data (checkpoints record it) and the warnings already given (check runs
+        # twice per command: once before the Trainer starts, once in setup).
+        self.training_voxel_size: VoxelSize | None = None
+        # The model's voxel size that prediction resamples the volumes to (rescale_predictions_to), or None.
+        self.predict_voxel_size: VoxelSize | None = None
+        self._voxel_size_warnings: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------ setup
     @property
@@ -286,6 +303,7 @@ class VolumeDataModule(pl.LightningDataModule):
         self._check_regression_settings(spec)
         for role in roles:
             self.volumes[role] = self._load_volumes(role, spec)
+        self._check_voxel_sizes(roles, model)
         labelled = [v for role in roles if role != "predict" for v in self.volumes[role]]
         kinds = {"class_ids": "3D class ids", "binary": "4D binary masks", "instances": "3D instance ids",
                  "regression": "float regression targets"}
@@ -336,6 +354,61 @@ class VolumeDataModule(pl.LightningDataModule):
                 "data.min_foreground_fraction needs labels with a background (class id 0 or empty masks); a regression "
                 "target has none: drop it, or give the voxels to leave out model.ignore_index"
             )
+    def rescale_predictions_to(self, voxel_size: VoxelSize | None) -> None:
+        """Predict every volume on a grid of the model's ``voxel_size`` (``--prediction.rescale true``, which the
+        PredictionWriter passes on at setup): the prediction dataset is rebuilt so that patches are read resampled
+        (:mod:`~unet3d_lightning.data.resample`); None predicts on each volume's own grid again.
+
+        Raises:
+            ConfigurationError: no model voxel size (a checkpoint of data without one: set data.voxel_size when
+            training), or a volume without one (set data.voxel_size).
+        """
+        if voxel_size is None:
+            raise ConfigurationError(
+                "prediction.rescale: the model's checkpoint records no voxel size (its training data had none, or it "
+                "was written by an earlier release), so there is nothing to rescale to; train with data.voxel_size "
+                "set, or resample the volumes yourself"
+            )
+        self.predict_voxel_size = voxel_size
+        if "predict" in self.datasets:
+            self.datasets["predict"].close()  # type: ignore[attr-defined]
+            self.datasets["predict"] = self._build_dataset("predict")
+
+    def _resampling(self, volume: Volume) -> Resampling | None:
+        """How ``volume`` maps to the model's grid under ``rescale_predictions_to``; None: predicted as it is."""
+        model = getattr(self, "predict_voxel_size", None)
+        if model is None:
+            return None
+        if volume.voxel_size is None:
+            raise ConfigurationError(
+                f"{volume.describe(volume.raw_internal_path)}: prediction.rescale needs the volume's voxel size, "
+                "which its file does not record; set data.voxel_size: [z, y, x]"
+            )
+        shape = model_grid_shape(volume.spatial_shape, volume.voxel_size, model)
+        if shape == volume.spatial_shape:
+            return None  # the same grid: nothing to interpolate
+        return Resampling(volume.spatial_shape, shape, volume.voxel_size, model)
+
+    def _check_voxel_sizes(self, roles: Sequence[str], model: Any = None) -> None:
+        """Training: the voxel size of the data, with one warning when its volumes differ by more than 10 %.
+        Prediction: one warning per volume whose voxel size differs from the model's (its checkpoint's) by more."""
+        if model is None and self.trainer is not None:
+            model = self.trainer.lightning_module
+        messages = []
+        if "train" in roles:
+            named = [(v.name, v.voxel_size) for role in ("train", "val") for v in self.volumes.get(role, [])]
+            self.training_voxel_size, message = common_voxel_size(named)
+            messages.append(message)
+        trained = getattr(model, "voxel_size", None)
+        # Volumes that prediction resamples to the model's voxel size (prediction.rescale) are not warned about.
+        rescaled = self.predict_voxel_size is not None
+        for volume in self.volumes.get("predict", []) if "predict" in roles and not rescaled else []:
+            messages.append(mismatch_warning(volume.name, volume.voxel_size, trained))
+        for message in messages:
+            if message is not None and message not in self._voxel_size_warnings:
+                self._voxel_size_warnings.add(message)
+                # One line on stderr: as a warning of no source file, Python prints no second line of code.
+                warnings.warn_explicit(message, VoxelSizeWarning, "unet3d", 0, module="unet3d_lightning.data")
 
     def _check_offsets(self, roles: Sequence[str]) -> None:
         """Every affinity offset must link voxels inside a patch: one as long as the patch links none (its channel
@@ -394,6 +467,9 @@ class VolumeDataModule(pl.LightningDataModule):
                 self._scanned[key] = volume
             if volume.role != role:
                 volume = dataclasses.replace(volume, role=role)  # shares the in-memory arrays
+            if self.voxel_size is not None:
+                unit = volume.voxel_size.unit if volume.voxel_size is not None else None
+                volume = dataclasses.replace(volume, voxel_size=VoxelSize(self.voxel_size, unit))
             volumes.append(volume)
         return volumes
 
@@ -413,6 +489,12 @@ class VolumeDataModule(pl.LightningDataModule):
         entries = self.label_paths.get(role)
         if entries is None:
             for path in paths:
+                if volume_format(path) == "nifti":
+                    raise ConfigurationError(
+                        f"{role} volume {path}: a NIfTI file holds one image, so its labels must be in a file of "
+                        f"their own (e.g. case_seg.nii.gz beside case.nii.gz); list the label files in "
+                        f"data.label_paths.{role}, in the order of the volumes"
+                    )
                 if volume_format(path) == "tiff":
                     raise ConfigurationError(
                         f"{role} volume {path}: a TIFF file holds one image, so its labels must be in a file of "
@@ -421,6 +503,17 @@ class VolumeDataModule(pl.LightningDataModule):
             return [None] * len(paths)
         # Not made unique: a label file listed twice pairs with two volumes, which is the mistake to name.
         labels = resolve_paths(entries, f"label_paths.{role}", unique=False)
+        volumes = {p.resolve(): p for p in paths}
+        for label in labels:
+            if label.resolve() in volumes and volume_format(label) in ("tiff", "nifti"):
+                # a TIFF or NIfTI file holds one image: it cannot be a volume and its own labels (a directory or
+                # pattern that picked up case_seg.nii.gz beside case.nii.gz)
+                raise ConfigurationError(
+                    f"data.label_paths.{role}: the label file {label} is also a {role} volume of data.{role}_paths "
+                    f"(listed there, or picked up by a directory or pattern); select only the images (e.g. "
+                    f"'data/case_???.nii.gz' beside 'data/case_???_seg.nii.gz'), or keep the labels in a folder of "
+                    "their own"
+                )
         if len(labels) != len(paths):
             raise ConfigurationError(
                 f"data.label_paths.{role} expands to {len(labels)} file(s) ({_names(labels)}) but "
@@ -437,9 +530,10 @@ class VolumeDataModule(pl.LightningDataModule):
                 )
         if self.weight_internal_path is not None:
             for label in labels:
-                if volume_format(label) == "tiff":
+                if volume_format(label) in ("tiff", "nifti"):
+                    kind = "TIFF" if volume_format(label) == "tiff" else "NIfTI"
                     raise ConfigurationError(
-                        f"{role} volume {label}: a TIFF label file holds only the labels; per-voxel weights "
+                        f"{role} volume {label}: a {kind} label file holds only the labels; per-voxel weights "
                         f"(data.weight_internal_path) need an HDF5 or Zarr label file"
                     )
         return labels
@@ -478,8 +572,10 @@ class VolumeDataModule(pl.LightningDataModule):
         if role == "predict":
             plans = []
             for volume in volumes:
-                padded = padded_shape(volume.spatial_shape, patch)
-                plans.append(PredictionPlan(volume, padded, self._grid(volume, padded, patch, stride, role)))
+                resampling = self._resampling(volume)
+                shape = volume.spatial_shape if resampling is None else resampling.shape
+                padded = padded_shape(shape, patch)
+                plans.append(PredictionPlan(volume, padded, self._grid(volume, padded, patch, stride, role), resampling))
             return PredictDataset(plans, self.normalization)
         locations: list[Location] = []
         for v, volume in enumerate(volumes):
@@ -604,6 +700,21 @@ class VolumeDataModule(pl.LightningDataModule):
             close = getattr(dataset, "close", None)
             if close is not None:
                 close()
+
+
+class VoxelSizeWarning(UserWarning):
+    """Volumes of one run, or a volume and the model, whose voxel sizes differ by more than 10 %."""
+
+
+def _voxel_size_setting(value: Sequence[float] | None) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    try:
+        return VoxelSize(tuple(value)).zyx  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f"data.voxel_size {list(value)} must be three positive numbers (z, y, x), e.g. [2.0, 0.5, 0.5]"
+        ) from None
 
 
 def _names(paths: Sequence[Any], shown: int = 4) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import ConfigurationError
 from .io import (
     HDF5_SUFFIXES,
+    NIFTI_SUFFIXES,
     READ_ERRORS,
     TIFF_SUFFIXES,
     ZARR_SUFFIXES,
@@ -44,6 +45,7 @@ from .io import (
     volume_format,
 )
 from .io.handles import FileCache
+from .spacing import VoxelSize
 
 # Names that lived in this module before the readers moved to the io package, importable from here for code written
 # against earlier versions.
@@ -63,8 +65,8 @@ def resolve_paths(
     """Expand files, directories and glob patterns, in a stable order.
 
     A directory is a volume when it is a Zarr store (``*.zarr``, or holding ``zarr.json``/``.zgroup``/``.zarray``);
-    any other directory stands for the volumes inside it: its HDF5 (``.h5``/``.hdf5``/``.hdf``) and TIFF
-    (``.tif``/``.tiff``) files and its Zarr stores. A glob pattern selects the same kinds of volumes among its
+    any other directory stands for the volumes inside it: its HDF5 (``.h5``/``.hdf5``/``.hdf``), TIFF
+    (``.tif``/``.tiff``) and NIfTI (``.nii``/``.nii.gz``) files and its Zarr stores. A glob pattern selects the same kinds of volumes among its
     matches (a ``README.txt`` beside the volumes is left out, as a directory scan leaves it out); a file named on
     its own is read whatever its suffix (as HDF5 unless it is TIFF or Zarr).
 
@@ -92,7 +94,7 @@ def resolve_paths(
     if isinstance(entries, (str, os.PathLike)):
         # One path is one entry (never its characters); an empty string is no path at all.
         entries = [entries] if str(entries) else []
-    suffixes = ", ".join(HDF5_SUFFIXES + ZARR_SUFFIXES + TIFF_SUFFIXES)
+    suffixes = ", ".join(HDF5_SUFFIXES + ZARR_SUFFIXES + TIFF_SUFFIXES + NIFTI_SUFFIXES)
     paths: list[Path] = []
     for entry in entries:
         text = os.path.expanduser(str(entry))
@@ -111,7 +113,7 @@ def resolve_paths(
                 names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
                 raise ConfigurationError(
                     f"{role}_paths: the pattern {text!r} matched {len(found)} path(s) ({names}) but no volume: a "
-                    f"pattern selects HDF5 files, Zarr stores and TIFF files ({suffixes}), as a directory scan "
+                    f"pattern selects HDF5 files, Zarr stores and TIFF files, and NIfTI files ({suffixes}), as a directory scan "
                     "does; name a file of another suffix on its own to read it as HDF5"
                 )
             paths.extend(matches)
@@ -119,7 +121,7 @@ def resolve_paths(
             matches = sorted(p for p in Path(text).iterdir() if is_volume(p))
             if not matches:
                 raise ConfigurationError(
-                    f"{role}_paths: the directory {text} holds no HDF5 file, Zarr store or TIFF file ({suffixes})"
+                    f"{role}_paths: the directory {text} holds no HDF5 file, Zarr store or TIFF file, nor NIfTI file ({suffixes})"
                 )
             paths.extend(matches)
         elif Path(text).exists():
@@ -157,7 +159,8 @@ class IntensityStats:
 class Volume:
     """What setup learned about one volume; cheap to pickle into DataLoader workers (holds no file handle).
 
-    ``label_path`` is the file holding the labels (and weights) when they are not in ``path``. ``arrays`` holds the
+    ``label_path`` is the file holding the labels (and weights) when they are not in ``path``. ``voxel_size`` is the
+    raw's :class:`~unet3d_lightning.data.spacing.VoxelSize` (None: the file records none). ``arrays`` holds the
     volume's arrays by kind (``"raw"``, ``"label"``, ``"weight"``) when ``in_memory`` is on, and is empty otherwise.
     """
 
@@ -175,6 +178,8 @@ class Volume:
     stats: IntensityStats | None = None
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     label_path: Path | None = None
+    # The raw's voxel size (z, y, x) with its unit, as the file records it or data.voxel_size sets it; None: unknown.
+    voxel_size: VoxelSize | None = None
 
     @property
     def name(self) -> str:
@@ -240,6 +245,7 @@ def open_volume(
         volume = Volume(
             path=path, role=role, raw_internal_path=raw_internal_path, spatial_shape=spatial,  # type: ignore[arg-type]
             channels=int(raw.shape[0]) if raw.ndim == 4 else 1, raw_is_4d=raw.ndim == 4, label_path=label_path,
+            voxel_size=_recorded_voxel_size(f, raw_internal_path),
         )
         label = None
         if label_internal_path is not None:
@@ -269,6 +275,15 @@ def open_volume(
             volume.weight_internal_path = weight_internal_path
             volume.weight_is_4d = weight.ndim == 4
     return volume
+
+
+def _recorded_voxel_size(file: VolumeFile, key: str) -> VoxelSize | None:
+    """The voxel size ``file`` records for ``key``; None when it records none or its metadata cannot be read (a
+    voxel size is information, never a reason to refuse a volume)."""
+    try:
+        return file.voxel_size(key)
+    except (ConfigurationError, *READ_ERRORS, ValueError, TypeError, AttributeError):
+        return None
 
 
 # ----------------------------------------------------------------------------------- checks of any array source

@@ -16,12 +16,14 @@ from ...instances import WatershedOptions
 from ..paths import not_ours_message, previous_output_problem, remove_path, temporary_path
 from .chunks import ChunkRowDataset
 from .hdf5 import Hdf5Store
+from .nifti import NiftiStore
 from .zarr import ZarrStore
 
 # The output formats, by the name ``prediction.format`` takes. A new format adds its store here (see
 # :class:`~.base.Store`), its suffix to ``paths.OUTPUT_SUFFIXES`` and what its earlier outputs look like to
 # ``paths.previous_output_problem``.
 STORES: dict[str, Any] = {"hdf5": Hdf5Store, "zarr": ZarrStore}
+STORES["nifti"] = NiftiStore
 
 
 def compresses_in_threads(format: str, compression: str | None) -> bool:
@@ -44,12 +46,14 @@ class VolumeOutput:
         format: a name of :data:`STORES`. Default ``"hdf5"``.
         instances: (the model's target spec, watershed settings) to write ``instances`` when the maps are complete,
             or None. Default None.
+        volume: the input :class:`~unet3d_lightning.data.volumes.Volume`, for stores that take metadata from it
+            (a store class with ``takes_volume = True``: NIfTI's header and affine). Default None.
     """
 
     def __init__(
         self, final: Path, shape: Sequence[int], channels: int, dtype: str, segmentation: str | None,
         compression: str | None, pool: ThreadPoolExecutor | None, format: str = "hdf5",
-        instances: tuple[dict[str, Any], WatershedOptions] | None = None,
+        instances: tuple[dict[str, Any], WatershedOptions] | None = None, volume: Any = None,
     ) -> None:
         self.final = final
         self.instances = instances
@@ -59,7 +63,8 @@ class VolumeOutput:
         store = STORES[format]
         try:
             remove_path(self.tmp)  # left by a killed run of a process with our pid
-            self.file: Any = store(self.tmp, compression)
+            extra = {"volume": volume} if getattr(store, "takes_volume", False) else {}
+            self.file: Any = store(self.tmp, compression, **extra)
         except BaseException:
             self._remove_tmp()  # it may exist before the failure (HDF5 creates the file, then fails on a full disk)
             raise
