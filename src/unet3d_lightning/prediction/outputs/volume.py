@@ -16,12 +16,16 @@ from ...instances import WatershedOptions
 from ..paths import not_ours_message, previous_output_problem, remove_path, temporary_path
 from .chunks import ChunkRowDataset
 from .hdf5 import Hdf5Store
+from .ome_zarr import OmeZarrStore
+from .tiff import TiffStore
 from .zarr import ZarrStore
 
 # The output formats, by the name ``prediction.format`` takes. A new format adds its store here (see
 # :class:`~.base.Store`), its suffix to ``paths.OUTPUT_SUFFIXES`` and what its earlier outputs look like to
 # ``paths.previous_output_problem``.
 STORES: dict[str, Any] = {"hdf5": Hdf5Store, "zarr": ZarrStore}
+STORES["ome-zarr"] = OmeZarrStore
+STORES["tiff"] = TiffStore
 
 
 def compresses_in_threads(format: str, compression: str | None) -> bool:
@@ -44,14 +48,23 @@ class VolumeOutput:
         format: a name of :data:`STORES`. Default ``"hdf5"``.
         instances: (the model's target spec, watershed settings) to write ``instances`` when the maps are complete,
             or None. Default None.
+        voxel_size: the volume's ``(z, y, x)`` voxel size, or None when unknown; the stores of formats that record
+            it (OME-Zarr, TIFF: ``physical``) take it. Default None.
+        unit: the voxel size's unit (``"um"``, ...), or None. Default None.
+        preview: the activation (``"softmax"``/``"sigmoid"``) to gather the central planes of the preview's overlay
+            while the rows stream past (:attr:`preview_planes`), or None for no preview. Default None.
     """
 
     def __init__(
         self, final: Path, shape: Sequence[int], channels: int, dtype: str, segmentation: str | None,
         compression: str | None, pool: ThreadPoolExecutor | None, format: str = "hdf5",
         instances: tuple[dict[str, Any], WatershedOptions] | None = None,
+        voxel_size: Sequence[float] | None = None, unit: str | None = None, preview: str | None = None,
     ) -> None:
         self.final = final
+        self.preview_activation = preview
+        self.preview_kind = "labels" if segmentation is not None else "probability"
+        self._planes: Any = None
         self.instances = instances
         self.compression = compression
         self.tmp = temporary_path(final)
@@ -59,7 +72,8 @@ class VolumeOutput:
         store = STORES[format]
         try:
             remove_path(self.tmp)  # left by a killed run of a process with our pid
-            self.file: Any = store(self.tmp, compression)
+            physical = {"voxel_size": voxel_size, "unit": unit} if getattr(store, "physical", False) else {}
+            self.file: Any = store(self.tmp, compression, **physical)
         except BaseException:
             self._remove_tmp()  # it may exist before the failure (HDF5 creates the file, then fails on a full disk)
             raise
@@ -87,12 +101,27 @@ class VolumeOutput:
                 segmentation = probabilities.argmax(0).astype(self.segmentation.dataset.dtype)
             else:
                 segmentation = (probabilities > 0.5).astype(np.uint8)
+        if self.preview_activation is not None:
+            self._collect_planes(z0, z1, probabilities, segmentation)
         if self.scale != 1.0:
             probabilities = np.clip(np.rint(probabilities * self.scale), 0, self.scale)
         # The chunk-row buffers have the storage dtype: copying into them is the cast.
         self.predictions.add(z0, z1, probabilities)
         if self.segmentation is not None:
             self.segmentation.add(z0, z1, segmentation)
+
+    def _collect_planes(self, z0: int, z1: int, probabilities: np.ndarray, segmentation: np.ndarray | None) -> None:
+        from ..preview import PlaneCollector, overlay_map
+
+        values, self.preview_kind = overlay_map(probabilities, segmentation, self.preview_activation or "softmax")
+        if self._planes is None:
+            self._planes = PlaneCollector((self.predictions.shape[1], *values.shape[1:]))
+        self._planes.add(z0, z1, values)
+
+    @property
+    def preview_planes(self) -> list[np.ndarray] | None:
+        """The overlay's three central planes (see :mod:`~unet3d_lightning.prediction.preview`), once written."""
+        return None if self._planes is None else self._planes.planes
 
     def commit(self) -> None:
         """Finish every dataset, then rename the store to its final name (replacing an earlier output there)."""
