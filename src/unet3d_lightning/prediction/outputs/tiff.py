@@ -95,6 +95,8 @@ class TiffDataset:
             pages = tifffile.memmap(
                 self.path, shape=stored, dtype=self.dtype, imagej=self.imagej, bigtiff=size > BIGTIFF_ABOVE,
                 resolution=(1.0 / sx, 1.0 / sy), metadata=metadata, software=SOFTWARE,
+                # Grey planes: a depth of 3 or 4 must never be taken for the samples of an RGB(A) image.
+                photometric="minisblack", planarconfig="contig",
             )
         return pages
 
