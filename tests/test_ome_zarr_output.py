@@ -215,3 +215,20 @@ def test_lzf_is_refused_for_ome_zarr(one_step_fit, command_line, tmp_path, capsy
     last = cli_error_line(capsys, predict_args(checkpoint, volume, tmp_path / "out", "--prediction.format", "ome-zarr",
                                                "--prediction.compression", "lzf"))
     assert "prediction.compression lzf" in last and "OME-Zarr" in last, last
+
+
+def test_the_inputs_voxel_size_is_level_0s_scale(one_step_fit, command_line, tmp_path, small_pyramid):
+    """Through the command: an HDF5 raw with PlantSeg's ``element_size_um`` gives level 0's scale and its unit."""
+    _, checkpoint = one_step_fit
+    raw, _ = blob_volume(shape=SHAPE, seed=3)
+    volume = write_h5(tmp_path / "in" / "x.h5", raw=raw)
+    with h5py.File(volume, "r+") as f:
+        f["raw"].attrs["element_size_um"] = [2.0, 0.5, 0.5]
+    run(predict_args(checkpoint, volume, tmp_path / "ome", "--prediction.format", "ome-zarr",
+                     "--prediction.instances", "false"))
+    image = nodes_of(tmp_path / "ome" / "x_predictions.ome.zarr")["."]
+    assert [a.get("unit") for a in image.metadata["axes"]] == [None, "micrometer", "micrometer", "micrometer"]
+    scales = [t[0]["scale"] for t in image.metadata["coordinateTransformations"]]
+    # z / yx = 4, then 2: z is kept while y and x halve (32 -> 16 -> 8).
+    assert scales == [[1.0, 2.0, 0.5, 0.5], [1.0, 2.0, 1.0, 1.0], [1.0, 2.0, 2.0, 2.0]]
+    assert [np.asarray(level).shape for level in image.data] == [(2, 8, 32, 32), (2, 8, 16, 16), (2, 8, 8, 8)]

@@ -109,3 +109,18 @@ def test_without_a_segmentation_the_foreground_probability_is_overlaid_in_red():
     plane = image[:4, :4].astype(int)
     red = plane[..., 0] - plane[..., 1] > 50
     np.testing.assert_array_equal(red, foreground[1] > 0.5)
+
+
+def test_the_inputs_voxel_size_sets_the_aspect(one_step_fit, command_line, tmp_path):
+    """Through the command: z voxels 4 times the in-plane size make the (z, x) and (z, y) planes 4 D pixels high."""
+    _, checkpoint = one_step_fit
+    raw, _ = blob_volume(shape=SHAPE, seed=3)
+    volume = write_h5(tmp_path / "in" / "x.h5", raw=raw)
+    with h5py.File(volume, "r+") as f:
+        f["raw"].attrs["element_size_um"] = [4.0, 1.0, 1.0]
+    run(predict_args(checkpoint, volume, tmp_path / "out", "--prediction.format", "tiff"))
+    with Image.open(tmp_path / "out" / "x_preview.png") as image:
+        pixels = np.asarray(image)
+    d, h, w = SHAPE
+    assert pixels.shape == (4 * d, w + GAP + w + GAP + h, 3)
+    assert coloured(pixels).any()  # the foreground probability is overlaid

@@ -178,3 +178,18 @@ def test_instance_ids_beyond_uint16_are_a_plain_uint32_tiff(tmp_path):
         assert tif.shaped_metadata[0]["spacing"] == 2.0
         assert tif.pages[0].tags["XResolution"].value == (2, 1)
         np.testing.assert_array_equal(tif.series[0].asarray(), ids)
+
+
+def test_the_inputs_voxel_size_is_the_imagej_spacing(one_step_fit, command_line, tmp_path):
+    """Through the command: an HDF5 raw with PlantSeg's ``element_size_um`` gives the spacing and resolution."""
+    _, checkpoint = one_step_fit
+    raw, _ = blob_volume(shape=SHAPE, seed=3)
+    volume = write_h5(tmp_path / "in" / "x.h5", raw=raw)
+    with h5py.File(volume, "r+") as f:
+        f["raw"].attrs["element_size_um"] = [2.0, 0.25, 0.5]
+    run(predict_args(checkpoint, volume, tmp_path / "tif", "--prediction.format", "tiff"))
+    with tifffile.TiffFile(tmp_path / "tif" / "x_predictions.tif") as tif:
+        assert tif.imagej_metadata["spacing"] == 2.0 and tif.imagej_metadata["unit"] == "um"
+        x = tif.pages[0].tags["XResolution"].value
+        y = tif.pages[0].tags["YResolution"].value
+        assert x[0] / x[1] == pytest.approx(2.0) and y[0] / y[1] == pytest.approx(4.0)
