@@ -232,3 +232,28 @@ def test_the_inputs_voxel_size_is_level_0s_scale(one_step_fit, command_line, tmp
     # z / yx = 4, then 2: z is kept while y and x halve (32 -> 16 -> 8).
     assert scales == [[1.0, 2.0, 0.5, 0.5], [1.0, 2.0, 1.0, 1.0], [1.0, 2.0, 2.0, 2.0]]
     assert [np.asarray(level).shape for level in image.data] == [(2, 8, 32, 32), (2, 8, 16, 16), (2, 8, 8, 8)]
+
+
+def test_instances_become_a_label_image_equal_to_the_hdf5_outputs(tmp_path, small_pyramid):
+    """The watershed's ids, written when the maps are complete, land under labels/instances with their pyramid."""
+    from unet3d_lightning.instances import WatershedOptions
+    from unet3d_lightning.prediction.outputs import VolumeOutput
+
+    maps = np.zeros((2, 4, 16, 16), np.float32)
+    maps[1, :, 2:14, 2:14] = 1.0  # foreground
+    maps[0, :, :, 7:9] = 1.0  # a boundary between two objects
+    spec = {"kind": "boundaries", "foreground_channel": True}
+    written = {}
+    for fmt, name in (("hdf5", "v_predictions.h5"), ("ome-zarr", "v_predictions.ome.zarr")):
+        output = VolumeOutput(tmp_path / name, (4, 16, 16), 2, "float32", None, "gzip", None, fmt,
+                              instances=(spec, WatershedOptions(min_size=1)))
+        output.write(0, 4, maps, None)
+        output.commit()
+        written[fmt] = tmp_path / name
+    with h5py.File(written["hdf5"], "r") as f:
+        expected = f["instances"][...]
+    assert len(np.unique(expected)) == 3  # background and two objects: the comparison means something
+    label = nodes_of(written["ome-zarr"])["labels/instances"]
+    levels = [np.asarray(level) for level in label.data]
+    np.testing.assert_array_equal(levels[0], expected)
+    np.testing.assert_array_equal(levels[1], expected[::2, ::2, ::2])

@@ -44,18 +44,18 @@ def test_preview_shows_the_three_central_planes_with_the_segmentation(one_step_f
         assert image.format == "PNG" and image.mode == "RGB"
         pixels = np.asarray(image)
     d, h, w = SHAPE
-    # [ (y, x) at z = D/2 | (z, x) at y = H/2 | (z, y) at x = W/2 ], unit voxels: one pixel per voxel.
-    assert pixels.shape == (h, w + GAP + w + GAP + h, 3)
-    planes = [segmentation[d // 2], segmentation[:, h // 2, :], segmentation[:, :, w // 2]]
-    assert 0 < np.mean(np.concatenate([p.ravel() for p in planes])) < 1  # both classes appear: the test can tell
-    x = 0
-    for plane in planes:
-        region = pixels[: plane.shape[0], x : x + plane.shape[1]]
+    # Orthogonal views, unit voxels (one pixel per voxel): (y, x) at z = D/2 top left, (z, x) at y = H/2 below it,
+    # (z, y) at x = W/2 transposed to (y, z) on its right.
+    assert pixels.shape == (h + GAP + d, w + GAP + d, 3)
+    planes = {(0, 0): segmentation[d // 2], (h + GAP, 0): segmentation[:, h // 2, :],
+              (0, w + GAP): segmentation[:, :, w // 2].T}
+    assert 0 < np.mean(np.concatenate([p.ravel() for p in planes.values()])) < 1  # both classes: the test can tell
+    for (y, x), plane in planes.items():
+        region = pixels[y : y + plane.shape[0], x : x + plane.shape[1]]
         np.testing.assert_array_equal(coloured(region), plane > 0)
-        x += plane.shape[1] + GAP
     grey = pixels[: h, :w][segmentation[d // 2] == 0, 0]
     assert grey.std() > 10  # the raw shows: not a blank image
-    assert not pixels[:, w : w + GAP].any()  # the gaps are black
+    assert not pixels[:, w : w + GAP].any() and not pixels[h + GAP :, w:].any()  # the gaps and the corner are black
 
 
 def test_a_second_run_replaces_the_preview_and_a_foreign_png_is_refused(one_step_fit, command_line, tmp_path, capsys):
@@ -85,9 +85,9 @@ def test_anisotropic_voxels_stretch_the_planes_to_their_physical_aspect():
     labels = [np.zeros((h, w), int), np.zeros((d, w), int), np.zeros((d, h), int)]
     labels[1][1, 2] = 1  # one voxel of class 1 in the (z, x) plane
     image = compose(raws, labels, "labels", (4.0, 1.0, 1.0))
-    # z is 4 times the in-plane voxel size: the (z, x) and (z, y) planes are 16 pixels high.
-    assert image.shape == (16, w + GAP + w + GAP + h, 3)
-    zx = image[:16, w + GAP : 2 * w + GAP]
+    # z is 4 times the in-plane voxel size: the (z, x) plane is 16 pixels high, the (y, z) plane 16 wide.
+    assert image.shape == (h + GAP + 16, w + GAP + 16, 3)
+    zx = image[h + GAP :, :w]
     np.testing.assert_array_equal(coloured(zx), np.kron(labels[1] > 0, np.ones((4, 1), bool)))
     for z in range(d):  # each z-row is repeated 4 times
         assert (zx[4 * z : 4 * z + 4] == zx[4 * z]).all()
@@ -122,5 +122,5 @@ def test_the_inputs_voxel_size_sets_the_aspect(one_step_fit, command_line, tmp_p
     with Image.open(tmp_path / "out" / "x_preview.png") as image:
         pixels = np.asarray(image)
     d, h, w = SHAPE
-    assert pixels.shape == (4 * d, w + GAP + w + GAP + h, 3)
+    assert pixels.shape == (h + GAP + 4 * d, w + GAP + 4 * d, 3)
     assert coloured(pixels).any()  # the foreground probability is overlaid

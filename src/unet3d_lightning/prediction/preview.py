@@ -1,8 +1,9 @@
 """``<stem>_preview.png``: a first look at a prediction, what a user opens to see whether the run worked.
 
-Three central orthogonal planes of the raw volume, side by side with a gap between them (``[ z-plane | y-plane |
-x-plane ]``: the ``(y, x)`` plane at ``z = D // 2``, the ``(z, x)`` plane at ``y = H // 2`` and the ``(z, y)`` plane
-at ``x = W // 2``), in grey (first channel, scaled between its 1st and 99th percentiles over the three planes), with
+Three central orthogonal planes of the raw volume laid out as orthogonal views (as Fiji's Orthogonal Views): the
+``(y, x)`` plane at ``z = D // 2`` top left, the ``(z, x)`` plane at ``y = H // 2`` below it (sharing its x axis) and
+the ``(z, y)`` plane at ``x = W // 2`` to its right, transposed to ``(y, z)`` (sharing its y axis), with
+:data:`GAP` black pixels between them and the corner bottom right black; in grey (first channel, scaled between its 1st and 99th percentiles over the three planes), with
 the segmentation overlaid in colour (one colour per class or channel, background left grey, half transparent) or,
 without a segmentation, the foreground probability in red (opacity = half the probability; the foreground of a
 softmax model is 1 - p(class 0), of a sigmoid model the largest channel).
@@ -118,13 +119,11 @@ def compose(raw_planes: Sequence[np.ndarray], overlay_planes: Sequence[np.ndarra
         r = np.minimum(((np.arange(rows) + 0.5) * img.shape[0] / rows).astype(int), img.shape[0] - 1)
         c = np.minimum(((np.arange(cols) + 0.5) * img.shape[1] / cols).astype(int), img.shape[1] - 1)
         resized.append(img[r][:, c])
-    height = max(img.shape[0] for img in resized)
-    width = sum(img.shape[1] for img in resized) + GAP * (len(resized) - 1)
-    canvas = np.zeros((height, width, 3), np.uint8)
-    x = 0
-    for img in resized:
-        canvas[: img.shape[0], x : x + img.shape[1]] = img
-        x += img.shape[1] + GAP
+    top, below, right = resized[0], resized[1], resized[2].transpose(1, 0, 2)
+    canvas = np.zeros((top.shape[0] + GAP + below.shape[0], top.shape[1] + GAP + right.shape[1], 3), np.uint8)
+    canvas[: top.shape[0], : top.shape[1]] = top
+    canvas[top.shape[0] + GAP :, : below.shape[1]] = below
+    canvas[: right.shape[0], top.shape[1] + GAP :] = right
     return canvas
 
 
