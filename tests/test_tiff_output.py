@@ -193,3 +193,20 @@ def test_the_inputs_voxel_size_is_the_imagej_spacing(one_step_fit, command_line,
         x = tif.pages[0].tags["XResolution"].value
         y = tif.pages[0].tags["YResolution"].value
         assert x[0] / x[1] == pytest.approx(2.0) and y[0] / y[1] == pytest.approx(4.0)
+
+
+def test_a_segmentation_file_that_is_an_input_is_never_written(one_step_fit, command_line, tmp_path, capsys):
+    """Predicting a folder that holds x.tif and our own earlier x_segmentation.tif into itself: the second is an
+    input now, and the prediction of x would replace it."""
+    _, checkpoint = one_step_fit
+    raw, _ = blob_volume(shape=SHAPE, seed=3)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    tifffile.imwrite(folder / "x.tif", raw)
+    run(predict_args(checkpoint, folder / "x.tif", folder, "--prediction.format", "tiff",
+                     "--prediction.save_segmentation", "true"))
+    (folder / "x_predictions.tif").unlink()
+    before = (folder / "x_segmentation.tif").read_bytes()
+    last = cli_error_line(capsys, predict_args(checkpoint, folder, folder, "--prediction.format", "tiff"))
+    assert f"would write {folder / 'x_segmentation.tif'}, which is the input" in last, last
+    assert (folder / "x_segmentation.tif").read_bytes() == before

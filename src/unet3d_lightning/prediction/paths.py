@@ -348,6 +348,7 @@ def check_output_dir(
     create: bool = True,
     other_inputs: Sequence[str | os.PathLike] = (),
     format: str = "hdf5",
+    preview: bool = False,
 ) -> list[Path]:
     """Check that prediction can write into ``output_dir`` without touching any input; create it if ``create``.
 
@@ -359,7 +360,8 @@ def check_output_dir(
         create: create the missing directories and probe that a file can be written there. Default True. With False
             (checks before the run, which must leave nothing behind) only the nearest existing ancestor is checked.
         other_inputs: further files the run reads (the checkpoint). Default: none.
-        format: the output format, ``"hdf5"`` or ``"zarr"`` (see :func:`output_path`). Default ``"hdf5"``.
+        format: the output format, a name of ``OUTPUT_SUFFIXES`` (see :func:`output_path`). Default ``"hdf5"``.
+        preview: the run writes ``<stem>_preview.png`` files too (checked like the outputs). Default False.
 
     Returns:
         The directories that were created, deepest first (empty with ``create=False``); remove them with
@@ -372,7 +374,7 @@ def check_output_dir(
     """
     path = Path(output_dir).expanduser()
     check_collisions(path, [Path(p) for p in volumes], [Path(p) for p in other_inputs], format)
-    check_outputs(path, volumes, format)
+    check_outputs(path, volumes, format, preview)
     existing = nearest_existing(path)
     if not existing.is_dir():
         raise ConfigurationError(
@@ -446,6 +448,15 @@ def check_collisions(
                 f"prediction.output_dir {output_dir}: the prediction of {volume} would be written to {final}, which "
                 f"is the input {clash}; inputs are never overwritten: choose another prediction.output_dir"
             )
+        for side in output_paths(output_dir, volume, format)[1:]:  # the files beside a TIFF output
+            side_clash = by_path.get(side.resolve())
+            if side_clash is None and (key := _file_key(side)) is not None:
+                side_clash = by_inode.get(key)
+            if side_clash is not None:
+                raise ConfigurationError(
+                    f"prediction.output_dir {output_dir}: the prediction of {volume} would write {side}, which is "
+                    f"the input {side_clash}; inputs are never overwritten: choose another prediction.output_dir"
+                )
 
 
 # ------------------------------------------------------------------------------------------------ temporaries
