@@ -120,7 +120,8 @@ def previous_output_problem(final: Path, format: str = "hdf5") -> str | None:
     Ours are: an HDF5 file, or a Zarr (format 3) group directory, holding only the datasets of
     :data:`OUTPUT_ARRAYS` at its root, ``predictions`` among them with its ``scale`` attribute — what every release
     of the writer has written; an OME-Zarr (format 2) image with the writer's ``unet3d`` attribute holding only
-    numbered levels and its label images; a TIFF file, or a PNG preview, carrying :data:`SOFTWARE`. A symbolic link is never ours: the writer writes none.
+    numbered levels and its label images; a TIFF file, or a PNG preview, carrying :data:`SOFTWARE`. A symbolic link
+    is never ours: the writer writes none.
     """
     try:
         info = os.lstat(final)

@@ -3,10 +3,11 @@
 Three central orthogonal planes of the raw volume laid out as orthogonal views (as Fiji's Orthogonal Views): the
 ``(y, x)`` plane at ``z = D // 2`` top left, the ``(z, x)`` plane at ``y = H // 2`` below it (sharing its x axis) and
 the ``(z, y)`` plane at ``x = W // 2`` to its right, transposed to ``(y, z)`` (sharing its y axis), with
-:data:`GAP` black pixels between them and the corner bottom right black; in grey (first channel, scaled between its 1st and 99th percentiles over the three planes), with
-the segmentation overlaid in colour (one colour per class or channel, background left grey, half transparent) or,
-without a segmentation, the foreground probability in red (opacity = half the probability; the foreground of a
-softmax model is 1 - p(class 0), of a sigmoid model the largest channel).
+:data:`GAP` black pixels between them and the corner bottom right black; in grey (first channel, scaled between its
+1st and 99th percentiles over the three planes), with the segmentation overlaid in colour (one colour per class or
+channel, background left grey, half transparent) or, without a segmentation, the foreground probability in red
+(opacity = half the probability; the foreground of a softmax model is 1 - p(class 0), of a sigmoid model the largest
+channel).
 
 Physical aspect ratio: every plane is resized (nearest neighbour) so that one pixel stands for the smallest voxel
 size on each axis, at most :data:`MAX_SIDE` pixels along its longest side: an anisotropic volume of voxel size
@@ -140,8 +141,9 @@ def raw_planes(volume: object) -> list[np.ndarray]:
         for index, take in (((slice(cz, cz + 1), slice(0, h), slice(0, w)), (0, slice(None), slice(None))),
                             ((slice(0, d), slice(cy, cy + 1), slice(0, w)), (slice(None), 0, slice(None))),
                             ((slice(0, d), slice(0, h), slice(cx, cx + 1)), (slice(None), slice(None), 0))):
-            region = np.asarray(read_region(volume, files, "raw", index, volume.raw_is_4d))  # type: ignore[arg-type,attr-defined]
-            planes.append(region[(0, *take)] if volume.raw_is_4d else region[take])  # type: ignore[attr-defined]
+            is_4d = volume.raw_is_4d  # type: ignore[attr-defined]
+            region = np.asarray(read_region(volume, files, "raw", index, is_4d))  # type: ignore[arg-type]
+            planes.append(region[(0, *take)] if is_4d else region[take])
         return planes
     finally:
         files.close()

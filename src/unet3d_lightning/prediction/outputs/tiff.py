@@ -27,6 +27,7 @@ under a temporary name until the volume is complete, then all renamed.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import warnings
 from collections.abc import Sequence
@@ -108,8 +109,13 @@ class TiffDataset:
             self._pages[z] = np.moveaxis(rows, 0, 1)
         else:
             self._pages[z] = rows
-        # Written pages become clean page cache, which the system reclaims: memory stays one chunk row.
+        # Written pages become clean page cache once flushed; dropping them from the mapping keeps them out of the
+        # process's resident memory too (the data are in the file), so memory stays one chunk row.
         self._pages.flush()
+        mapping = getattr(self._pages, "_mmap", None)
+        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                mapping.madvise(mmap.MADV_DONTNEED)
 
     def __getitem__(self, index: Any) -> np.ndarray:
         import tifffile
