@@ -124,3 +124,16 @@ def test_the_inputs_voxel_size_sets_the_aspect(one_step_fit, command_line, tmp_p
     d, h, w = SHAPE
     assert pixels.shape == (h + GAP + 4 * d, w + GAP + 4 * d, 3)
     assert coloured(pixels).any()  # the foreground probability is overlaid
+
+
+def test_without_pillow_the_preview_is_refused_in_one_line(one_step_fit, command_line, tmp_path, capsys,
+                                                           monkeypatch):
+    import sys
+
+    _, checkpoint = one_step_fit
+    raw, _ = blob_volume(shape=SHAPE, seed=3)
+    volume = write_h5(tmp_path / "x.h5", raw=raw)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL raises ImportError
+    last = cli_error_line(capsys, predict_args(checkpoint, volume, tmp_path / "out"))
+    assert "prediction.preview needs Pillow" in last and "unet3d-lightning[formats]" in last, last
+    assert not (tmp_path / "out").exists()

@@ -210,3 +210,25 @@ def test_a_segmentation_file_that_is_an_input_is_never_written(one_step_fit, com
     last = cli_error_line(capsys, predict_args(checkpoint, folder, folder, "--prediction.format", "tiff"))
     assert f"would write {folder / 'x_segmentation.tif'}, which is the input" in last, last
     assert (folder / "x_segmentation.tif").read_bytes() == before
+
+
+def test_instances_read_the_complete_tiff_back_and_equal_the_hdf5_outputs(tmp_path):
+    """The watershed reads the finished predictions file back; its ids land in <stem>_instances.tif."""
+    from unet3d_lightning.instances import WatershedOptions
+    from unet3d_lightning.prediction.outputs import VolumeOutput
+
+    maps = np.zeros((2, 4, 16, 16), np.float32)
+    maps[1, :, 2:14, 2:14] = 1.0  # foreground
+    maps[0, :, :, 7:9] = 1.0  # a boundary between two objects
+    spec = {"kind": "boundaries", "foreground_channel": True}
+    for fmt, name in (("hdf5", "v_predictions.h5"), ("tiff", "v_predictions.tif")):
+        output = VolumeOutput(tmp_path / name, (4, 16, 16), 2, "float32", None, "gzip", None, fmt,
+                              instances=(spec, WatershedOptions(min_size=1)))
+        output.write(0, 1, maps[:, :1], None)
+        output.write(1, 4, maps[:, 1:], None)
+        output.commit()
+    with h5py.File(tmp_path / "v_predictions.h5", "r") as f:
+        expected = f["instances"][...]
+    assert len(np.unique(expected)) == 3
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "v_instances.tif"), expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v_instances.tif", "v_predictions.h5", "v_predictions.tif"]
