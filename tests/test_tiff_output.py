@@ -232,3 +232,26 @@ def test_instances_read_the_complete_tiff_back_and_equal_the_hdf5_outputs(tmp_pa
     assert len(np.unique(expected)) == 3
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "v_instances.tif"), expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v_instances.tif", "v_predictions.h5", "v_predictions.tif"]
+
+
+def test_temporaries_of_a_killed_tiff_or_preview_writer_are_removed(tmp_path):
+    """The files beside a TIFF output, and the preview, are unfinished outputs like the others once their process
+    has ended."""
+    import subprocess
+    import sys
+
+    from unet3d_lightning.prediction.paths import remove_stale_temporaries, temporary_path
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    names = []
+    for final in ("x_predictions.tif", "x_segmentation.tif", "x_instances.tif", "x_preview.png",
+                  "x_predictions.ome.zarr"):
+        ours = temporary_path(tmp_path / final)
+        stale = ours.with_name(ours.name.rsplit("-", 1)[0] + f"-{process.pid}")
+        stale.write_bytes(b"half a file")
+        names.append(stale.name)
+    (tmp_path / "x_segmentation.tif.tmp-notes").write_text("mine")  # not of the writer's scheme
+    notes = remove_stale_temporaries(tmp_path)
+    assert len(notes) == 5 and all("which has ended" in note for note in notes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_segmentation.tif.tmp-notes"]
