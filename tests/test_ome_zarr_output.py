@@ -257,3 +257,26 @@ def test_instances_become_a_label_image_equal_to_the_hdf5_outputs(tmp_path, smal
     levels = [np.asarray(level) for level in label.data]
     np.testing.assert_array_equal(levels[0], expected)
     np.testing.assert_array_equal(levels[1], expected[::2, ::2, ::2])
+
+
+def test_outputs_read_back_as_inputs_with_their_voxel_size(tmp_path):
+    """An OME-Zarr or TIFF output given to a later run (as raw, or its segmentation as labels) has the voxel size of
+    the volume it was predicted from."""
+    from unet3d_lightning.data.io import open_file
+    from unet3d_lightning.prediction.outputs import VolumeOutput
+
+    values = np.random.default_rng(4).random((2, 4, 8, 8), dtype=np.float32)
+    for name, keys in (("v_predictions.ome.zarr", ("0", "labels/segmentation")), ("v_predictions.tif", ("",))):
+        fmt = "ome-zarr" if name.endswith("zarr") else "tiff"
+        output = VolumeOutput(tmp_path / name, (4, 8, 8), 2, "float32", "argmax", "gzip", None, fmt,
+                              voxel_size=(2.0, 0.5, 0.5), unit="micrometer")
+        output.write(0, 4, values, None)
+        output.commit()
+        files = [tmp_path / name] + ([tmp_path / "v_segmentation.tif"] if fmt == "tiff" else [])
+        for path in files:
+            with open_file(path, "predict") as file:
+                for key in keys:
+                    size = file.voxel_size(key)
+                    assert size.zyx == (2.0, 0.5, 0.5) and size.unit == "micrometer", (path, key)
+        with open_file(tmp_path / name, "predict") as file:
+            np.testing.assert_array_equal(np.asarray(file.array(keys[0])[...]), values)
