@@ -644,7 +644,7 @@ def test_the_registry_tells_formats_and_volumes_apart(tmp_path):
         assert volume_io.is_volume(tmp_path / name) is volume, name
     with volume_io.open_file(disguised, "train") as f:
         assert isinstance(f, volume_io.ZarrFile) and f.array("raw").shape == (2, 3, 4)
-    assert [reader.format for reader in volume_io.READERS] == ["zarr", "tiff", "hdf5"]
+    assert [reader.format for reader in volume_io.READERS] == ["zarr", "tiff", "nifti", "hdf5"]
 
 
 def test_the_io_layer_imports_nothing_above_it_and_defines_each_suffix_once():

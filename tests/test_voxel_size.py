@@ -117,6 +117,17 @@ def test_imagej_and_ome_tiff(tmp_path):
     assert read(plain) is None
 
 
+def test_nifti_zooms_and_units(tmp_path):
+    nibabel = pytest.importorskip("nibabel")
+    image = nibabel.Nifti1Image(RAW.transpose(2, 1, 0), np.diag([0.8, 0.9, 2.5, 1.0]))
+    image.header.set_xyzt_units("mm")
+    nibabel.save(image, tmp_path / "case.nii.gz")
+    assert read(tmp_path / "case.nii.gz") == VoxelSize((2.5, 0.9, 0.8), "millimeter")
+    image.header.set_xyzt_units("micron")
+    nibabel.save(image, tmp_path / "cells.nii")
+    assert read(tmp_path / "cells.nii") == VoxelSize((2.5, 0.9, 0.8), "micrometer")
+
+
 # ----------------------------------------------------------------------------------------------- settings and runs
 def test_data_voxel_size_overrides_the_file_and_keeps_its_unit(tmp_path):
     path = write_h5(tmp_path / "a.h5", raw=RAW, label=(RAW > 90).astype(np.uint8))

@@ -414,6 +414,10 @@ class UNet3DCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._check_weights()
+        writer = next((c for c in self.trainer.callbacks if isinstance(c, PredictionWriter)), None)
+        if writer is not None and writer.rescale and getattr(self.model, "voxel_size", None) is not None:
+            # known before the volumes are checked: resampled volumes get no voxel-size warning
+            self.datamodule.predict_voxel_size = self.model.voxel_size
         self._check_inputs("predict")
 
     def _run_evaluation(self, method: str, model: Any, ckpt_path: str | None = None, **kwargs: Any) -> Any:

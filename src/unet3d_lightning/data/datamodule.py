@@ -23,6 +23,7 @@ from .io import MISSING_CHUNKS_POLICIES, MissingChunksPolicy, volume_format
 from .loader import PatchLoader, default_num_workers
 from .patches import padded_shape, patch_grid
 from .sampling import ShardedSampler, keep_foreground_patches
+from .resample import Resampling, model_grid_shape
 from .spacing import VoxelSize, common_voxel_size, mismatch_warning
 from .targets import LABEL_TRANSFORMS, LabelTransform, LabelTransformName, TargetOptions
 from .transforms import Augmentation
@@ -225,6 +226,8 @@ class VolumeDataModule(pl.LightningDataModule):
         # The voxel size of the training data (checkpoints record it) and the warnings already given (check runs
         # twice per command: once before the Trainer starts, once in setup).
         self.training_voxel_size: VoxelSize | None = None
+        # The model's voxel size that prediction resamples the volumes to (rescale_predictions_to), or None.
+        self.predict_voxel_size: VoxelSize | None = None
         self._voxel_size_warnings: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -307,6 +310,41 @@ class VolumeDataModule(pl.LightningDataModule):
                     self._grid(volume, volume.spatial_shape, patch, stride, role)
         return roles
 
+    def rescale_predictions_to(self, voxel_size: VoxelSize | None) -> None:
+        """Predict every volume on a grid of the model's ``voxel_size`` (``--prediction.rescale true``, which the
+        PredictionWriter passes on at setup): the prediction dataset is rebuilt so that patches are read resampled
+        (:mod:`~unet3d_lightning.data.resample`); None predicts on each volume's own grid again.
+
+        Raises:
+            ConfigurationError: no model voxel size (a checkpoint of data without one: set data.voxel_size when
+            training), or a volume without one (set data.voxel_size).
+        """
+        if voxel_size is None:
+            raise ConfigurationError(
+                "prediction.rescale: the model's checkpoint records no voxel size (its training data had none, or it "
+                "was written by an earlier release), so there is nothing to rescale to; train with data.voxel_size "
+                "set, or resample the volumes yourself"
+            )
+        self.predict_voxel_size = voxel_size
+        if "predict" in self.datasets:
+            self.datasets["predict"].close()  # type: ignore[attr-defined]
+            self.datasets["predict"] = self._build_dataset("predict")
+
+    def _resampling(self, volume: Volume) -> Resampling | None:
+        """How ``volume`` maps to the model's grid under ``rescale_predictions_to``; None: predicted as it is."""
+        model = getattr(self, "predict_voxel_size", None)
+        if model is None:
+            return None
+        if volume.voxel_size is None:
+            raise ConfigurationError(
+                f"{volume.describe(volume.raw_internal_path)}: prediction.rescale needs the volume's voxel size, "
+                "which its file does not record; set data.voxel_size: [z, y, x]"
+            )
+        shape = model_grid_shape(volume.spatial_shape, volume.voxel_size, model)
+        if shape == volume.spatial_shape:
+            return None  # the same grid: nothing to interpolate
+        return Resampling(volume.spatial_shape, shape, volume.voxel_size, model)
+
     def _check_voxel_sizes(self, roles: Sequence[str], model: Any = None) -> None:
         """Training: the voxel size of the data, with one warning when its volumes differ by more than 10 %.
         Prediction: one warning per volume whose voxel size differs from the model's (its checkpoint's) by more."""
@@ -318,7 +356,9 @@ class VolumeDataModule(pl.LightningDataModule):
             self.training_voxel_size, message = common_voxel_size(named)
             messages.append(message)
         trained = getattr(model, "voxel_size", None)
-        for volume in self.volumes.get("predict", []) if "predict" in roles else []:
+        # Volumes that prediction resamples to the model's voxel size (prediction.rescale) are not warned about.
+        rescaled = self.predict_voxel_size is not None
+        for volume in self.volumes.get("predict", []) if "predict" in roles and not rescaled else []:
             messages.append(mismatch_warning(volume.name, volume.voxel_size, trained))
         for message in messages:
             if message is not None and message not in self._voxel_size_warnings:
@@ -390,6 +430,12 @@ class VolumeDataModule(pl.LightningDataModule):
         entries = self.label_paths.get(role)
         if entries is None:
             for path in paths:
+                if volume_format(path) == "nifti":
+                    raise ConfigurationError(
+                        f"{role} volume {path}: a NIfTI file holds one image, so its labels must be in a file of "
+                        f"their own (e.g. case_seg.nii.gz beside case.nii.gz); list the label files in "
+                        f"data.label_paths.{role}, in the order of the volumes"
+                    )
                 if volume_format(path) == "tiff":
                     raise ConfigurationError(
                         f"{role} volume {path}: a TIFF file holds one image, so its labels must be in a file of "
@@ -414,9 +460,10 @@ class VolumeDataModule(pl.LightningDataModule):
                 )
         if self.weight_internal_path is not None:
             for label in labels:
-                if volume_format(label) == "tiff":
+                if volume_format(label) in ("tiff", "nifti"):
+                    kind = "TIFF" if volume_format(label) == "tiff" else "NIfTI"
                     raise ConfigurationError(
-                        f"{role} volume {label}: a TIFF label file holds only the labels; per-voxel weights "
+                        f"{role} volume {label}: a {kind} label file holds only the labels; per-voxel weights "
                         f"(data.weight_internal_path) need an HDF5 or Zarr label file"
                     )
         return labels
@@ -455,8 +502,10 @@ class VolumeDataModule(pl.LightningDataModule):
         if role == "predict":
             plans = []
             for volume in volumes:
-                padded = padded_shape(volume.spatial_shape, patch)
-                plans.append(PredictionPlan(volume, padded, self._grid(volume, padded, patch, stride, role)))
+                resampling = self._resampling(volume)
+                shape = volume.spatial_shape if resampling is None else resampling.shape
+                padded = padded_shape(shape, patch)
+                plans.append(PredictionPlan(volume, padded, self._grid(volume, padded, patch, stride, role), resampling))
             return PredictDataset(plans, self.normalization)
         locations: list[Location] = []
         for v, volume in enumerate(volumes):

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .io.handles import FileCache
+from .resample import Resampling
 from .sampling import PaddingIndex
 from .targets import LabelTransform, relabel
 from .transforms import Compose
@@ -131,11 +132,16 @@ def index_seed(index: int) -> int:
 
 @dataclass
 class PredictionPlan:
-    """Where one prediction volume's patches lie: its real shape, the padded shape the grid covers, and the grid."""
+    """Where one prediction volume's patches lie: its real shape, the padded shape the grid covers, and the grid.
+
+    With ``resampling`` (``--prediction.rescale true``) the grid covers the volume resampled to the model's voxel
+    size, ``resampling.shape``, and patches are read through it (:mod:`~unet3d_lightning.data.resample`).
+    """
 
     volume: Volume
     padded_shape: Shape3
     grid: list[tuple[slice, slice, slice]]
+    resampling: Resampling | None = None
 
 
 class PredictDataset(Dataset):
@@ -157,11 +163,16 @@ class PredictDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         v, slices = self.items[index]
         volume = self.plans[v].volume
-        inside = tuple(slice(s.start, min(s.stop, n)) for s, n in zip(slices, volume.spatial_shape))
-        raw = read_region(volume, self._files, "raw", inside, volume.raw_is_4d)  # type: ignore[arg-type]
+        resampling = self.plans[v].resampling
+        shape = volume.spatial_shape if resampling is None else resampling.shape
+        inside = tuple(slice(s.start, min(s.stop, n)) for s, n in zip(slices, shape))
+        window, local = (inside, None) if resampling is None else resampling.source_window(inside)
+        raw = read_region(volume, self._files, "raw", window, volume.raw_is_4d)  # type: ignore[arg-type]
         raw = normalize(
             raw if volume.raw_is_4d else raw[None], volume, self.normalization, overwrite=not volume.arrays
         )
+        if local is not None:
+            raw = resampling.interpolate(raw, local)  # type: ignore[union-attr]
         shape = tuple(s.stop - s.start for s in slices)
         if raw.shape[1:] != shape:
             padded = np.zeros((raw.shape[0], *shape), np.float32)

@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import ConfigurationError
 from .io import (
     HDF5_SUFFIXES,
+    NIFTI_SUFFIXES,
     READ_ERRORS,
     TIFF_SUFFIXES,
     ZARR_SUFFIXES,
@@ -64,8 +65,8 @@ def resolve_paths(
     """Expand files, directories and glob patterns, in a stable order.
 
     A directory is a volume when it is a Zarr store (``*.zarr``, or holding ``zarr.json``/``.zgroup``/``.zarray``);
-    any other directory stands for the volumes inside it: its HDF5 (``.h5``/``.hdf5``/``.hdf``) and TIFF
-    (``.tif``/``.tiff``) files and its Zarr stores. A glob pattern selects the same kinds of volumes among its
+    any other directory stands for the volumes inside it: its HDF5 (``.h5``/``.hdf5``/``.hdf``), TIFF
+    (``.tif``/``.tiff``) and NIfTI (``.nii``/``.nii.gz``) files and its Zarr stores. A glob pattern selects the same kinds of volumes among its
     matches (a ``README.txt`` beside the volumes is left out, as a directory scan leaves it out); a file named on
     its own is read whatever its suffix (as HDF5 unless it is TIFF or Zarr).
 
@@ -93,7 +94,7 @@ def resolve_paths(
     if isinstance(entries, (str, os.PathLike)):
         # One path is one entry (never its characters); an empty string is no path at all.
         entries = [entries] if str(entries) else []
-    suffixes = ", ".join(HDF5_SUFFIXES + ZARR_SUFFIXES + TIFF_SUFFIXES)
+    suffixes = ", ".join(HDF5_SUFFIXES + ZARR_SUFFIXES + TIFF_SUFFIXES + NIFTI_SUFFIXES)
     paths: list[Path] = []
     for entry in entries:
         text = os.path.expanduser(str(entry))
@@ -112,7 +113,7 @@ def resolve_paths(
                 names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
                 raise ConfigurationError(
                     f"{role}_paths: the pattern {text!r} matched {len(found)} path(s) ({names}) but no volume: a "
-                    f"pattern selects HDF5 files, Zarr stores and TIFF files ({suffixes}), as a directory scan "
+                    f"pattern selects HDF5 files, Zarr stores and TIFF files, and NIfTI files ({suffixes}), as a directory scan "
                     "does; name a file of another suffix on its own to read it as HDF5"
                 )
             paths.extend(matches)
@@ -120,7 +121,7 @@ def resolve_paths(
             matches = sorted(p for p in Path(text).iterdir() if is_volume(p))
             if not matches:
                 raise ConfigurationError(
-                    f"{role}_paths: the directory {text} holds no HDF5 file, Zarr store or TIFF file ({suffixes})"
+                    f"{role}_paths: the directory {text} holds no HDF5 file, Zarr store or TIFF file, nor NIfTI file ({suffixes})"
                 )
             paths.extend(matches)
         elif Path(text).exists():

@@ -41,6 +41,7 @@ from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
 
 from ..data.io import require_formats_extra
+from ..data.resample import BackResampler, plan_shape
 from ..errors import ConfigurationError
 from ..instances import WatershedOptions
 from .memory import check_predict_memory
@@ -79,12 +80,16 @@ class PredictionWriter(Callback):
         tta: flip test-time augmentation: average the predictions of the 8 flips of each patch (8× the compute).
             Default False.
         format: ``"hdf5"``: one HDF5 file ``<stem>_predictions.h5`` per volume; ``"zarr"``: one Zarr (format 3)
-            store ``<stem>_predictions.zarr``; ``"ome-zarr"``: an NGFF 0.4 image ``<stem>_predictions.ome.zarr`` at the
-            volume's voxel size, with smaller levels and the segmentation/instances as label images
-            (:mod:`~unet3d_lightning.prediction.outputs.ome_zarr`); ``"tiff"``: an ImageJ hyperstack
-            ``<stem>_predictions.tif`` with its spacing, and ``<stem>_segmentation.tif`` / ``<stem>_instances.tif``
-            beside it (:mod:`~unet3d_lightning.prediction.outputs.tiff`; uncompressed; float32 or uint8). All but
-            HDF5 need the ``formats`` extra. Default ``"hdf5"``.
+            store ``<stem>_predictions.zarr`` (needs the ``formats`` extra); ``"nifti"``: ``<stem>_predictions.nii.gz``
+            ``(x, y, z, C)`` and, with ``save_segmentation``, ``<stem>_segmentation.nii.gz`` ``(x, y, z)``, with the
+            input's NIfTI header and affine, or an affine of its voxel size (needs nibabel, from the ``formats``
+            extra; see :mod:`~unet3d_lightning.prediction.outputs.nifti`); ``"ome-zarr"``: an NGFF 0.4 image
+            ``<stem>_predictions.ome.zarr`` at the volume's voxel size, with smaller levels and the
+            segmentation/instances as label images (:mod:`~unet3d_lightning.prediction.outputs.ome_zarr`);
+            ``"tiff"``: an ImageJ hyperstack ``<stem>_predictions.tif`` with its spacing, and
+            ``<stem>_segmentation.tif`` / ``<stem>_instances.tif`` beside it
+            (:mod:`~unet3d_lightning.prediction.outputs.tiff`; uncompressed; float32 or uint8). All but HDF5 need
+            the ``formats`` extra. Default ``"hdf5"``.
         instances: also write ``instances``, a ``(D, H, W)`` uint32/uint64 instance segmentation from a seeded
             watershed of the stitched maps; only for models trained with ``data.label_transform`` boundaries or
             affinities. MEMORY: unlike the rest of prediction, which streams, the watershed holds the WHOLE volume:
@@ -93,6 +98,11 @@ class PredictionWriter(Callback):
             blockwise from the written ``predictions`` (e.g. PlantSeg, elf, daisy/lsd). Default False.
         watershed: settings of that watershed (threshold, seed smoothing and spacing, minimum size, memory limit);
             see :class:`~unet3d_lightning.instances.WatershedOptions`. Default ``WatershedOptions()``.
+        rescale: predict each volume resampled to the model's voxel size (the one its checkpoint records) and
+            write the output resampled back to the volume's grid, so it has the input's shape and voxel size; linear
+            interpolation both ways, region by region and slab by slab (memory stays flat in depth), class ids and
+            instances derived from the resampled-back probabilities; see :mod:`~unet3d_lightning.data.resample`.
+            Needs the voxel size of the model and of every volume (``data.voxel_size``). Default False.
         preview: also write ``<stem>_preview.png`` beside each output: the three central planes of the raw with the
             segmentation (or the foreground probability) overlaid, at the physical aspect ratio
             (:mod:`~unet3d_lightning.prediction.preview`; needs Pillow, in the ``formats`` extra). Default False.
@@ -113,9 +123,10 @@ class PredictionWriter(Callback):
         dtype: Literal["float32", "float16", "uint8"] = "float32",
         compression: Literal["gzip", "lzf", "none"] = "gzip",
         tta: bool = False,
-        format: Literal["hdf5", "zarr", "ome-zarr", "tiff"] = "hdf5",
+        format: Literal["hdf5", "zarr", "nifti", "ome-zarr", "tiff"] = "hdf5",
         instances: bool = False,
         watershed: WatershedOptions = WatershedOptions(),
+        rescale: bool = False,
         preview: bool = False,
     ) -> None:
         if blend not in ("average", "gaussian"):
@@ -126,6 +137,10 @@ class PredictionWriter(Callback):
             raise ConfigurationError(f"prediction.compression {compression!r} is not one of gzip, lzf, none")
         if format not in STORES:
             raise ConfigurationError(f"prediction.format {format!r} is not one of {', '.join(STORES)}")
+        if format == "nifti":
+            from ..data.io.nifti import require_nibabel
+
+            require_nibabel("prediction.format nifti")
         if format == "zarr":
             require_formats_extra("prediction.format zarr")
             if compression == "lzf":
@@ -146,6 +161,7 @@ class PredictionWriter(Callback):
         self.format = format
         self.instances = instances
         self.watershed = WatershedOptions(**watershed) if isinstance(watershed, dict) else watershed
+        self.rescale = rescale
         self.preview = preview
         self.written: list[Path] = []
         self.previews: list[Path] = []  # the preview PNGs of prediction.preview, beside the written outputs
@@ -164,9 +180,15 @@ class PredictionWriter(Callback):
         self._start = 0.0
         self._pool: ThreadPoolExecutor | None = None
         self._targets: dict[str, Any] | None = None
+        self._back: BackResampler | None = None  # with rescale: the model's grid back to the volume's
 
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "predict" and self.rescale:
+            rescale = getattr(trainer.datamodule, "rescale_predictions_to", None)
+            if rescale is None:
+                raise ConfigurationError("prediction.rescale needs the VolumeDataModule's predict dataset")
+            rescale(getattr(pl_module, "voxel_size", None))
         if stage == "predict" and trainer.is_global_zero:
             self._created = check_output_dir(self.output_dir)
             notes = remove_stale_temporaries(self.output_dir)
@@ -275,7 +297,7 @@ class PredictionWriter(Callback):
         any patch is predicted rather than after the first batch."""
         for plan in plans:
             try:
-                StreamingStitcher(plan.volume.spatial_shape, plan.grid, channels, blend=self.blend, halo=self.halo)
+                StreamingStitcher(plan_shape(plan), plan.grid, channels, blend=self.blend, halo=self.halo)
             except ValueError as err:
                 raise ConfigurationError(
                     f"prediction.halo {list(self.halo)} does not fit the patch grid of {plan.volume.path}: {err}"
@@ -340,8 +362,10 @@ class PredictionWriter(Callback):
         if trainer.world_size > 1:
             def reduce(band: torch.Tensor) -> torch.Tensor:
                 return trainer.strategy.reduce(band, reduce_op="sum")
+        resampling = getattr(plan, "resampling", None)
+        self._back = BackResampler(resampling) if resampling is not None else None
         self._stitcher = StreamingStitcher(
-            plan.volume.spatial_shape, plan.grid, channels, blend=self.blend, halo=self.halo,
+            plan_shape(plan), plan.grid, channels, blend=self.blend, halo=self.halo,
             device=pl_module.device, reduce=reduce,
         )
         self._current = index
@@ -358,7 +382,8 @@ class PredictionWriter(Callback):
                 self._output = VolumeOutput(
                     final, plan.volume.spatial_shape, channels, self.dtype, segmentation, self.compression, self._pool,
                     self.format, instances=(self._targets, self.watershed) if self._targets else None,
-                    **_physical(plan.volume), preview=self._activation if self.preview else None,
+                    volume=plan.volume, **_physical(plan.volume),
+                    preview=self._activation if self.preview else None,
                 )
             self._writer = BackgroundWriter()
             if trainer.progress_bar_callback is not None:
@@ -370,6 +395,8 @@ class PredictionWriter(Callback):
     def _write_slabs(self, slabs: list) -> None:
         if self._output is None:
             return  # ranks other than 0 only take part in the reductions
+        if self._back is not None:
+            slabs = self._back.push(slabs)  # model-grid slabs to the rows of the volume's grid they complete
         output = self._output
         for z0, z1, slab in slabs:
             self._voxels += slab[0].numel()

@@ -29,8 +29,8 @@ from ..data.io import volume_stem
 from ..errors import ConfigurationError, nearest_existing, one_line
 
 OUTPUT_SUFFIX = "_predictions.h5"
-OUTPUT_SUFFIXES = {"hdf5": OUTPUT_SUFFIX, "zarr": "_predictions.zarr", "ome-zarr": "_predictions.ome.zarr",
-                   "tiff": "_predictions.tif"}
+OUTPUT_SUFFIXES = {"hdf5": OUTPUT_SUFFIX, "zarr": "_predictions.zarr", "nifti": "_predictions.nii.gz",
+                   "ome-zarr": "_predictions.ome.zarr", "tiff": "_predictions.tif"}
 # Files written beside the output of some formats (a TIFF holds one image: segmentation and instances get their own),
 # by the dataset they hold; and the preview of prediction.preview, beside the output of every format.
 SIDE_SUFFIXES = {"tiff": {"segmentation": "_segmentation.tif", "instances": "_instances.tif"}}
@@ -143,6 +143,8 @@ def previous_output_problem(final: Path, format: str = "hdf5") -> str | None:
         if not stat.S_ISDIR(info.st_mode):
             return "it is a file, not a Zarr store"
         return _zarr_output_problem(final)
+    if format == "nifti":
+        return _nifti_outputs_problem(final)
     if stat.S_ISDIR(info.st_mode):
         return "it is a directory, not an HDF5 file"
     if not stat.S_ISREG(info.st_mode):
@@ -291,6 +293,34 @@ def _png_problem(path: Path, info: os.stat_result) -> str | None:
         return f"it cannot be read as PNG ({one_line(str(err)) or type(err).__name__})"
     if software != SOFTWARE:
         return "it is an image not written by unet3d"
+    return None
+
+
+def _nifti_outputs_problem(final: Path) -> str | None:
+    """A NIfTI output is ours when it is a regular NIfTI file whose header's ``descrip`` starts with ``unet3d``;
+    the files of the other datasets beside it (``<stem>_segmentation.nii.gz``, ``<stem>_instances.nii.gz``),
+    which the same run replaces, must be ours too (``final`` was checked to exist or be absent by the caller)."""
+    from .outputs.nifti import DESCRIP_PREFIX, sibling_path
+
+    for path in (final, *(sibling_path(final, name) for name in OUTPUT_ARRAYS if name != "predictions")):
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            return f"{path.name} cannot be examined ({err.strerror or err})"
+        if stat.S_ISLNK(info.st_mode):
+            return f"{path.name} is a symbolic link"
+        if not stat.S_ISREG(info.st_mode):
+            return f"{path.name} is not a regular file"
+        try:
+            import nibabel
+
+            descrip = bytes(nibabel.load(str(path)).header["descrip"]).split(b"\0")[0].decode("utf-8", "replace")
+        except Exception as err:  # noqa: BLE001 - whatever the file is, it is not an output of ours
+            return f"{path.name} cannot be read as NIfTI ({one_line(str(err)) or type(err).__name__})"
+        if not descrip.startswith(DESCRIP_PREFIX):
+            return f"{path.name} is a NIfTI file that the writer did not write (its description is {descrip!r})"
     return None
 
 

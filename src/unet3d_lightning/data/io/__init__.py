@@ -11,11 +11,12 @@ The format comes from the path (each format's module documents its internal path
 - ``*.h5``, ``*.hdf5``, ``*.hdf`` (and any other file, as before other formats were read): HDF5;
 - a ``*.zarr`` directory, or any directory holding ``zarr.json``/``.zgroup``/``.zarray``: a Zarr store (format 2
   or 3, OME-Zarr included);
-- ``*.tif``, ``*.tiff``: TIFF.
+- ``*.tif``, ``*.tiff``: TIFF;
+- ``*.nii``, ``*.nii.gz``: NIfTI (read as ``(z, y, x)``, see :mod:`.nifti`).
 
 Chunks that a file does not store read as the array's fill value; ``VolumeFile.missing_chunks`` finds them (from
 the store's listing or HDF5's chunk index, without reading data), so that the checks can refuse or announce them
-(:class:`~.chunks.ChunkAudit`). Zarr and TIFF need the optional ``formats`` extra
+(:class:`~.chunks.ChunkAudit`). Zarr, TIFF and NIfTI need the optional ``formats`` extra
 (``pip install 'unet3d-lightning[formats]'``).
 
 A new format is a module with a :class:`~.base.VolumeFile` subclass (its ``format``, ``suffixes`` and ``array``),
@@ -47,24 +48,26 @@ from .chunks import (
     MissingChunksWarning,
 )
 from .hdf5 import HDF5File
+from .nifti import NiftiFile
 from .tiff import TiffFile
 from .zarr import ZarrFile, multiscale_level0
 
 HDF5_SUFFIXES = HDF5File.suffixes
 ZARR_SUFFIXES = ZarrFile.suffixes
 TIFF_SUFFIXES = TiffFile.suffixes
+NIFTI_SUFFIXES = NiftiFile.suffixes
 # Suffixes stripped from an input's name to name its outputs (image.ome.zarr -> image_predictions.zarr).
-COMPOUND_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif")
+COMPOUND_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif", ".nii.gz")
 
 # The readers, in the order they are asked whether a path is theirs (a directory holding Zarr metadata is a store
 # whatever its suffix); a path none of them claims is read as HDF5, as every path was before other formats.
-READERS: tuple[type[VolumeFile], ...] = (ZarrFile, TiffFile, HDF5File)
+READERS: tuple[type[VolumeFile], ...] = (ZarrFile, TiffFile, NiftiFile, HDF5File)
 DEFAULT_READER: type[VolumeFile] = HDF5File
 
 __all__ = [
     "CHUNK_CACHE_BYTES", "COMPOUND_SUFFIXES", "FORMAT_READ_ERRORS", "HDF5_SUFFIXES", "MISSING_CHUNKS_POLICIES",
     "READERS", "READ_ERRORS", "TIFF_SUFFIXES", "ZARR_SUFFIXES", "AxisView", "CachedChunks", "ChunkAudit",
-    "HDF5File", "MissingChunks", "MissingChunksPolicy", "MissingChunksWarning", "OneSlice", "TiffFile", "VolumeFile",
+    "HDF5File", "NIFTI_SUFFIXES", "NiftiFile", "MissingChunks", "MissingChunksPolicy", "MissingChunksWarning", "OneSlice", "TiffFile", "VolumeFile",
     "ZarrFile", "error_summary", "is_volume", "multiscale_level0", "one_slice", "open_file", "require_formats_extra",
     "volume_format", "volume_stem",
 ]
@@ -75,7 +78,7 @@ def _claimant(path: Path) -> type[VolumeFile] | None:
 
 
 def volume_format(path: str | os.PathLike) -> str:
-    """``"hdf5"``, ``"zarr"`` or ``"tiff"`` for a volume path, by its suffix (a directory: Zarr when it is a store).
+    """``"hdf5"``, ``"zarr"``, ``"tiff"`` or ``"nifti"`` for a volume path, by its suffix (a directory: Zarr when it is a store).
 
     Any other file is HDF5, as every path was before the other formats were read.
     """
@@ -84,7 +87,7 @@ def volume_format(path: str | os.PathLike) -> str:
 
 def is_volume(path: Path) -> bool:
     """Whether ``path``, found inside a directory or by a glob pattern, is a volume: an HDF5 or TIFF file by its
-    suffix, or a Zarr store directory."""
+    suffix, a NIfTI file (``.nii``, ``.nii.gz``), or a Zarr store directory."""
     reader = _claimant(path)
     if reader is None:
         return False

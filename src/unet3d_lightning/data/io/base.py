@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...errors import ConfigurationError
-from ..spacing import VoxelSize, voxel_size_or_none
+from .spacing import VoxelSize, voxel_size_or_none
 
 if TYPE_CHECKING:
     from .chunks import MissingChunks

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from ...errors import ConfigurationError
-from ..spacing import VoxelSize
+from .spacing import VoxelSize
 from .base import READ_ERRORS, OneSlice, VolumeFile, error_summary, voxel_size_from_attributes
 from .chunks import CHUNK_CACHE_BYTES, MissingChunks
 

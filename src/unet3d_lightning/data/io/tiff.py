@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigurationError
-from ..spacing import VoxelSize, unit_name, voxel_size_or_none
+from .spacing import VoxelSize, unit_name, voxel_size_or_none
 from .base import FORMAT_READ_ERRORS, AxisView, VolumeFile, error_summary, one_slice, require_formats_extra
 from .chunks import CachedChunks
 
@@ -143,7 +143,7 @@ def _ome_voxel_size(xml: str) -> VoxelSize | None:
     any of the three is missing."""
     import xml.etree.ElementTree as ElementTree
 
-    from ..spacing import UNIT_METRES
+    from .spacing import UNIT_METRES
 
     try:
         root = ElementTree.fromstring(xml)

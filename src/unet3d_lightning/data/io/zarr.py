@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigurationError
-from ..spacing import UNIT_METRES, VoxelSize, unit_name, voxel_size_or_none
+from .spacing import UNIT_METRES, VoxelSize, unit_name, voxel_size_or_none
 from .base import (
     FORMAT_READ_ERRORS,
     AxisView,

@@ -18,12 +18,14 @@ from .chunks import ChunkRowDataset
 from .hdf5 import Hdf5Store
 from .ome_zarr import OmeZarrStore
 from .tiff import TiffStore
+from .nifti import NiftiStore
 from .zarr import ZarrStore
 
 # The output formats, by the name ``prediction.format`` takes. A new format adds its store here (see
 # :class:`~.base.Store`), its suffix to ``paths.OUTPUT_SUFFIXES`` and what its earlier outputs look like to
 # ``paths.previous_output_problem``.
 STORES: dict[str, Any] = {"hdf5": Hdf5Store, "zarr": ZarrStore}
+STORES["nifti"] = NiftiStore
 STORES["ome-zarr"] = OmeZarrStore
 STORES["tiff"] = TiffStore
 
@@ -48,6 +50,8 @@ class VolumeOutput:
         format: a name of :data:`STORES`. Default ``"hdf5"``.
         instances: (the model's target spec, watershed settings) to write ``instances`` when the maps are complete,
             or None. Default None.
+        volume: the input :class:`~unet3d_lightning.data.volumes.Volume`, for stores that take metadata from it
+            (a store class with ``takes_volume = True``: NIfTI's header and affine). Default None.
         voxel_size: the volume's ``(z, y, x)`` voxel size, or None when unknown; the stores of formats that record
             it (OME-Zarr, TIFF: ``physical``) take it. Default None.
         unit: the voxel size's unit (``"um"``, ...), or None. Default None.
@@ -58,7 +62,7 @@ class VolumeOutput:
     def __init__(
         self, final: Path, shape: Sequence[int], channels: int, dtype: str, segmentation: str | None,
         compression: str | None, pool: ThreadPoolExecutor | None, format: str = "hdf5",
-        instances: tuple[dict[str, Any], WatershedOptions] | None = None,
+        instances: tuple[dict[str, Any], WatershedOptions] | None = None, volume: Any = None,
         voxel_size: Sequence[float] | None = None, unit: str | None = None, preview: str | None = None,
     ) -> None:
         self.final = final
@@ -72,8 +76,10 @@ class VolumeOutput:
         store = STORES[format]
         try:
             remove_path(self.tmp)  # left by a killed run of a process with our pid
-            physical = {"voxel_size": voxel_size, "unit": unit} if getattr(store, "physical", False) else {}
-            self.file: Any = store(self.tmp, compression, **physical)
+            extra = {"volume": volume} if getattr(store, "takes_volume", False) else {}
+            if getattr(store, "physical", False):
+                extra.update(voxel_size=voxel_size, unit=unit)
+            self.file: Any = store(self.tmp, compression, **extra)
         except BaseException:
             self._remove_tmp()  # it may exist before the failure (HDF5 creates the file, then fails on a full disk)
             raise
