@@ -306,7 +306,8 @@ class UNet3DCLI(LightningCLI):
         # Checked, not created: the writer creates it once every input check has passed, so a failed run leaves no
         # directory behind.
         check_output_dir(config.prediction.output_dir, volumes, create=False, other_inputs=[ckpt_path],
-                         format=config.prediction.get("format", "hdf5"))
+                         format=config.prediction.get("format", "hdf5"),
+                         preview=bool(config.prediction.get("preview", False)))
         self._data_settings_from_checkpoint(ckpt_path, config)
 
     def _adapt_to_no_validation(self, config: Any) -> None:

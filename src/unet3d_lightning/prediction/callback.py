@@ -86,7 +86,13 @@ class PredictionWriter(Callback):
             store ``<stem>_predictions.zarr`` (needs the ``formats`` extra); ``"nifti"``: ``<stem>_predictions.nii.gz``
             ``(x, y, z, C)`` and, with ``save_segmentation``, ``<stem>_segmentation.nii.gz`` ``(x, y, z)``, with the
             input's NIfTI header and affine, or an affine of its voxel size (needs nibabel, from the ``formats``
-            extra; see :mod:`~unet3d_lightning.prediction.outputs.nifti`). Default ``"hdf5"``.
+            extra; see :mod:`~unet3d_lightning.prediction.outputs.nifti`); ``"ome-zarr"``: an NGFF 0.4 image
+            ``<stem>_predictions.ome.zarr`` at the volume's voxel size, with smaller levels and the
+            segmentation/instances as label images (:mod:`~unet3d_lightning.prediction.outputs.ome_zarr`);
+            ``"tiff"``: an ImageJ hyperstack ``<stem>_predictions.tif`` with its spacing, and
+            ``<stem>_segmentation.tif`` / ``<stem>_instances.tif`` beside it
+            (:mod:`~unet3d_lightning.prediction.outputs.tiff`; uncompressed; float32 or uint8). All but HDF5 need
+            the ``formats`` extra. Default ``"hdf5"``.
         instances: also write ``instances``, a ``(D, H, W)`` uint32/uint64 instance segmentation from a seeded
             watershed of the stitched maps; only for models trained with ``data.label_transform`` boundaries or
             affinities. MEMORY: unlike the rest of prediction, which streams, the watershed holds the WHOLE volume:
@@ -100,6 +106,9 @@ class PredictionWriter(Callback):
             interpolation both ways, region by region and slab by slab (memory stays flat in depth), class ids and
             instances derived from the resampled-back probabilities; see :mod:`~unet3d_lightning.data.resample`.
             Needs the voxel size of the model and of every volume (``data.voxel_size``). Default False.
+        preview: also write ``<stem>_preview.png`` beside each output: the three central planes of the raw with the
+            segmentation (or the foreground probability) overlaid, at the physical aspect ratio
+            (:mod:`~unet3d_lightning.prediction.preview`; needs Pillow, in the ``formats`` extra). Default False.
 
     Example::
 
@@ -117,10 +126,11 @@ class PredictionWriter(Callback):
         dtype: Literal["float32", "float16", "uint8"] = "float32",
         compression: Literal["gzip", "lzf", "none"] = "gzip",
         tta: bool = False,
-        format: Literal["hdf5", "zarr", "nifti"] = "hdf5",
+        format: Literal["hdf5", "zarr", "nifti", "ome-zarr", "tiff"] = "hdf5",
         instances: bool = False,
         watershed: WatershedOptions = WatershedOptions(),
         rescale: bool = False,
+        preview: bool = False,
     ) -> None:
         if blend not in ("average", "gaussian"):
             raise ConfigurationError(f"prediction.blend {blend!r} is not one of average, gaussian")
@@ -140,6 +150,7 @@ class PredictionWriter(Callback):
                 raise ConfigurationError(
                     "prediction.compression lzf is HDF5's own; Zarr outputs take gzip (stored as Blosc-zstd) or none"
                 )
+        _check_physical_formats(format, compression, dtype, preview)
         halos = (halo,) * 3 if isinstance(halo, int) else tuple(halo)
         if len(halos) != 3 or min(halos) < 0:
             raise ConfigurationError(f"prediction.halo {halo!r} must be one int >= 0 or three, [z, y, x]")
@@ -154,7 +165,9 @@ class PredictionWriter(Callback):
         self.instances = instances
         self.watershed = WatershedOptions(**watershed) if isinstance(watershed, dict) else watershed
         self.rescale = rescale
+        self.preview = preview
         self.written: list[Path] = []
+        self.previews: list[Path] = []  # the preview PNGs of prediction.preview, beside the written outputs
         self._created: list[Path] = []  # directories this run created, removed again if it fails
         self._reset()
 
@@ -189,6 +202,7 @@ class PredictionWriter(Callback):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
         self.written = []
+        self.previews = []
         loader = trainer.predict_dataloaders
         dataset = getattr(loader, "dataset", None)
         plans = getattr(dataset, "plans", None)
@@ -198,7 +212,7 @@ class PredictionWriter(Callback):
             )
         volumes = [Path(plan.volume.path) for plan in plans]
         check_collisions(Path(self.output_dir).expanduser(), volumes, format=self.format)
-        check_outputs(self.output_dir, volumes, self.format)
+        check_outputs(self.output_dir, volumes, self.format, preview=self.preview)
         self._check_task(pl_module)
         self._check_halo(plans, int(pl_module.hparams.out_channels))
         self._check_memory(plans, pl_module, int(getattr(loader, "batch_size", None) or 1))
@@ -256,7 +270,7 @@ class PredictionWriter(Callback):
             seconds = time.perf_counter() - self._start
             lines = [f"predict finished: {len(self.written)} volume(s), {self._voxels / max(seconds, 1e-9):,.0f} "
                      f"voxels/s, {seconds:.1f} s"]
-            lines += [f"  wrote {path}" for path in self.written]
+            lines += [f"  wrote {path}" for path in [*self.written, *self.previews]]
             print("\n".join(lines), flush=True)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -394,7 +408,8 @@ class PredictionWriter(Callback):
                 self._output = VolumeOutput(
                     final, plan.volume.spatial_shape, channels, self.dtype, segmentation, self.compression, self._pool,
                     self.format, instances=(self._targets, self.watershed) if self._targets else None,
-                    volume=plan.volume,
+                    volume=plan.volume, **_physical(plan.volume),
+                    preview=self._activation if self.preview else None,
                 )
             self._writer = BackgroundWriter()
             if trainer.progress_bar_callback is not None:
@@ -445,10 +460,55 @@ class PredictionWriter(Callback):
                 self._writer.close()
                 self._output.commit()
             self.written.append(self._output.final)
+            if self.preview:
+                self.previews.append(_write_preview(self._plans[self._current].volume, self._output))
         if self._bar is not None:
             self._bar.close()
         self._stitcher = self._output = self._writer = self._bar = None
         self._current = None
+
+
+def _check_physical_formats(format: str, compression: str, dtype: str, preview: bool) -> None:
+    """The settings the OME-Zarr and TIFF outputs and the preview refuse, before anything runs."""
+    if format in ("ome-zarr", "tiff"):
+        require_formats_extra(f"prediction.format {format}")
+    if format == "ome-zarr" and compression == "lzf":
+        raise ConfigurationError(
+            "prediction.compression lzf is HDF5's own; OME-Zarr outputs take gzip (stored as Blosc-zstd) or none"
+        )
+    if format == "tiff" and dtype == "float16":
+        raise ConfigurationError(
+            "prediction.dtype float16 cannot be stored in an ImageJ TIFF (it holds uint8, uint16 and float32); with "
+            "prediction.format tiff choose prediction.dtype float32 or uint8"
+        )
+    if preview:
+        try:
+            import PIL  # noqa: F401
+        except ImportError:
+            raise ConfigurationError(
+                "prediction.preview needs Pillow, from the optional 'formats' extra: "
+                "pip install 'unet3d-lightning[formats]'"
+            ) from None
+
+
+def _physical(volume: Any) -> dict[str, Any]:
+    """The volume's voxel size and unit as the outputs take them (None when the volume does not know its own)."""
+    voxel_size = getattr(volume, "voxel_size", None)
+    if voxel_size is None:
+        return {"voxel_size": None, "unit": None}
+    zyx = getattr(voxel_size, "zyx", voxel_size)
+    return {"voxel_size": tuple(float(s) for s in zyx), "unit": getattr(voxel_size, "unit", None)}
+
+
+def _write_preview(volume: Any, output: VolumeOutput) -> Path:
+    """``<stem>_preview.png`` beside the complete output: the raw's central planes, read now, under the planes of
+    the overlay gathered while the volume was written."""
+    from .paths import side_path
+    from .preview import compose, raw_planes, write_preview
+
+    voxel_size = _physical(volume)["voxel_size"]
+    image = compose(raw_planes(volume), output.preview_planes, output.preview_kind, voxel_size)
+    return write_preview(side_path(output.final, output.format, "preview"), image)
 
 
 def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -29,14 +29,22 @@ from ..data.io import volume_stem
 from ..errors import ConfigurationError, nearest_existing, one_line
 
 OUTPUT_SUFFIX = "_predictions.h5"
-OUTPUT_SUFFIXES = {"hdf5": OUTPUT_SUFFIX, "zarr": "_predictions.zarr", "nifti": "_predictions.nii.gz"}
+OUTPUT_SUFFIXES = {"hdf5": OUTPUT_SUFFIX, "zarr": "_predictions.zarr", "nifti": "_predictions.nii.gz",
+                   "ome-zarr": "_predictions.ome.zarr", "tiff": "_predictions.tif"}
+# Files written beside the output of some formats (a TIFF holds one image: segmentation and instances get their own),
+# by the dataset they hold; and the preview of prediction.preview, beside the output of every format.
+SIDE_SUFFIXES = {"tiff": {"segmentation": "_segmentation.tif", "instances": "_instances.tif"}}
+PREVIEW_SUFFIX = "_preview.png"
+# What the TIFF and PNG files of the writer carry (the TIFF Software tag, the PNG "Software" text chunk).
+SOFTWARE = "unet3d-lightning"
 # The datasets (HDF5) or arrays (Zarr) the writer puts into an output, at its root. An existing output holding
 # anything else is not (only) ours, and is never replaced.
 OUTPUT_ARRAYS = ("predictions", "segmentation", "instances")
 # Entries of one array of a Zarr (format 3) output: its metadata and the tree of its chunks (absent while every chunk
 # equals the fill value).
 _ZARR_ARRAY_ENTRIES = {"zarr.json", "c"}
-_SUFFIX_PATTERN = "|".join(re.escape(suffix) for suffix in OUTPUT_SUFFIXES.values())
+_SUFFIX_PATTERN = "|".join(re.escape(suffix) for suffix in (
+    *OUTPUT_SUFFIXES.values(), *(s for sides in SIDE_SUFFIXES.values() for s in sides.values()), PREVIEW_SUFFIX))
 # Hidden names of unfinished outputs: the temporary one while a volume is written, and the previous Zarr output while
 # it is moved aside to make room for the new one. They carry the host: on a file system shared by several machines a
 # pid says nothing about another machine's processes.
@@ -49,6 +57,22 @@ def output_path(output_dir: str | os.PathLike, volume_path: str | os.PathLike, f
     """``<output_dir>/<input stem>_predictions.h5`` (``format="zarr"``: ``.zarr``); the stem drops the input's
     format suffix, ``.ome.zarr`` and ``.ome.tif`` included."""
     return Path(output_dir) / f"{volume_stem(volume_path)}{OUTPUT_SUFFIXES[format]}"
+
+
+def side_path(final: Path, format: str, name: str) -> Path:
+    """The file beside the output ``final`` holding dataset ``name`` (:data:`SIDE_SUFFIXES`), or the preview
+    (``name="preview"``: ``<stem>_preview.png``)."""
+    suffix = PREVIEW_SUFFIX if name == "preview" else SIDE_SUFFIXES[format][name]
+    return final.with_name(final.name[: -len(OUTPUT_SUFFIXES[format])] + suffix)
+
+
+def output_paths(output_dir: str | os.PathLike, volume_path: str | os.PathLike, format: str = "hdf5",
+                 preview: bool = False) -> list[Path]:
+    """Every path the run may write for one volume: its output (:func:`output_path`), the files beside it that its
+    format writes (TIFF: ``<stem>_segmentation.tif``, ``<stem>_instances.tif``) and, with ``preview``, the preview."""
+    final = output_path(output_dir, volume_path, format)
+    names = [*SIDE_SUFFIXES.get(format, {}), *(["preview"] if preview else [])]
+    return [final, *(side_path(final, format, name) for name in names)]
 
 
 @functools.cache
@@ -95,7 +119,9 @@ def previous_output_problem(final: Path, format: str = "hdf5") -> str | None:
 
     Ours are: an HDF5 file, or a Zarr (format 3) group directory, holding only the datasets of
     :data:`OUTPUT_ARRAYS` at its root, ``predictions`` among them with its ``scale`` attribute — what every release
-    of the writer has written. A symbolic link is never ours: the writer writes none.
+    of the writer has written; an OME-Zarr (format 2) image with the writer's ``unet3d`` attribute holding only
+    numbered levels and its label images; a TIFF file, or a PNG preview, carrying :data:`SOFTWARE`. A symbolic link
+    is never ours: the writer writes none.
     """
     try:
         info = os.lstat(final)
@@ -105,6 +131,14 @@ def previous_output_problem(final: Path, format: str = "hdf5") -> str | None:
         return f"it cannot be examined ({err.strerror or err})"
     if stat.S_ISLNK(info.st_mode):
         return "it is a symbolic link"
+    if final.name.endswith(PREVIEW_SUFFIX):
+        return _png_problem(final, info)
+    if format == "tiff":
+        return _tiff_problem(final, info)
+    if format == "ome-zarr":
+        if not stat.S_ISDIR(info.st_mode):
+            return "it is a file, not an OME-Zarr store"
+        return _ome_zarr_output_problem(final)
     if format == "zarr":
         if not stat.S_ISDIR(info.st_mode):
             return "it is a file, not a Zarr store"
@@ -169,6 +203,99 @@ def _zarr_output_problem(store: Path) -> str | None:
     return None
 
 
+def _json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as document:
+            return json.load(document)
+    except (OSError, ValueError):
+        return None
+
+
+# Entries of a level (a Zarr format 2 array): metadata documents and the chunk tree ("/"-separated keys).
+_ZARR2_ARRAY_META = {".zarray", ".zattrs"}
+
+
+def _zarr2_array_ok(path: Path) -> bool:
+    try:
+        if path.is_symlink() or not path.is_dir() or not isinstance(_json(path / ".zarray"), dict):
+            return False
+        return all(name in _ZARR2_ARRAY_META or name.isdigit() for name in os.listdir(path))
+    except OSError:
+        return False
+
+
+def _zarr2_image_problem(group: Path, extra: set[str]) -> str | None:
+    """None if ``group`` is a Zarr format 2 group whose entries are its metadata, numbered levels (arrays) and
+    ``extra``; else the names that do not belong."""
+    try:
+        entries = set(os.listdir(group))
+    except OSError as err:
+        return f"it cannot be examined ({err.strerror or err})"
+    if not isinstance(_json(group / ".zgroup"), dict) or "0" not in entries:
+        return "it is not a Zarr (format 2) image with a level 0"
+    others = {name for name in entries - {".zgroup", ".zattrs"} - extra
+              if not (name.isdigit() and _zarr2_array_ok(group / name))}
+    return f"it holds {sorted(others)[:3]}, which the writer never writes" if others else None
+
+
+def _ome_zarr_output_problem(store: Path) -> str | None:
+    """Ours: a Zarr format 2 group with our ``unet3d`` entry and ``multiscales`` in its attributes, holding only
+    numbered levels and ``labels`` with only ``segmentation``/``instances`` label images of numbered levels."""
+    attributes = _json(store / ".zattrs")
+    if not isinstance(attributes, dict) or "multiscales" not in attributes or \
+            not isinstance(attributes.get("unet3d"), dict):
+        return "it is a directory, not an OME-Zarr output of unet3d (no 'unet3d' entry in its .zattrs)"
+    problem = _zarr2_image_problem(store, {"labels"})
+    if problem is None and (store / "labels").exists():
+        labels = store / "labels"
+        try:
+            entries = set(os.listdir(labels)) if labels.is_dir() and not labels.is_symlink() else None
+        except OSError:
+            entries = None
+        if entries is None:
+            return "its 'labels' is not a directory"
+        others = entries - {".zgroup", ".zattrs", "segmentation", "instances"}
+        if others:
+            return f"its labels hold {sorted(others)[:3]}, which the writer never writes"
+        for name in sorted(entries & {"segmentation", "instances"}):
+            inner = _zarr2_image_problem(labels / name, set())
+            if inner is not None:
+                return f"its label image {name}: {inner}"
+    return problem
+
+
+def _tiff_problem(path: Path, info: os.stat_result) -> str | None:
+    """Ours: a regular TIFF file whose first page's Software tag is :data:`SOFTWARE`."""
+    if not stat.S_ISREG(info.st_mode):
+        return "it is not a regular file"
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tiff:
+            software = tiff.pages[0].software if len(tiff.pages) else ""
+    except Exception as err:  # noqa: BLE001 - whatever the reader says, the file is not one we can vouch for
+        return f"it cannot be read as TIFF ({one_line(str(err)) or type(err).__name__})"
+    if software != SOFTWARE:
+        return f"it is a TIFF file not written by unet3d (Software tag {software!r})"
+    return None
+
+
+def _png_problem(path: Path, info: os.stat_result) -> str | None:
+    """Ours: a regular PNG file whose "Software" text chunk is :data:`SOFTWARE`."""
+    if not stat.S_ISREG(info.st_mode):
+        return "it is not a regular file"
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            software = image.info.get("Software") if image.format == "PNG" else None
+    except Exception as err:  # noqa: BLE001 - whatever the reader says, the file is not one we can vouch for
+        return f"it cannot be read as PNG ({one_line(str(err)) or type(err).__name__})"
+    if software != SOFTWARE:
+        return "it is an image not written by unet3d"
+    return None
+
+
 def _nifti_outputs_problem(final: Path) -> str | None:
     """A NIfTI output is ours when it is a regular NIfTI file whose header's ``descrip`` starts with ``unet3d``;
     the files of the other datasets beside it (``<stem>_segmentation.nii.gz``, ``<stem>_instances.nii.gz``),
@@ -207,7 +334,8 @@ def not_ours_message(final: Path, problem: str, volume: Any = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def check_outputs(output_dir: str | os.PathLike, volumes: Sequence[str | os.PathLike], format: str = "hdf5") -> None:
+def check_outputs(output_dir: str | os.PathLike, volumes: Sequence[str | os.PathLike], format: str = "hdf5",
+                  preview: bool = False) -> None:
     """Refuse, before any work, outputs the run could not write or may not replace.
 
     Each name the run creates — the directories of ``output_dir`` still missing, each volume's output and its
@@ -228,7 +356,7 @@ def check_outputs(output_dir: str | os.PathLike, volumes: Sequence[str | os.Path
                 f"system's limit of {limit} bytes per name; choose a shorter prediction.output_dir"
             )
     for volume in volumes:
-        final = output_path(path, volume, format)
+        final = max(output_paths(path, volume, format, preview), key=lambda p: len(os.fsencode(p.name)))
         size = max(len(os.fsencode(final.name)), len(os.fsencode(temporary_path(final).name)))
         if size > limit:
             raise ConfigurationError(
@@ -239,10 +367,10 @@ def check_outputs(output_dir: str | os.PathLike, volumes: Sequence[str | os.Path
     if not path.is_dir():
         return  # no output exists yet
     for volume in volumes:
-        final = output_path(path, volume, format)
-        problem = previous_output_problem(final, format)
-        if problem is not None:
-            raise ConfigurationError(not_ours_message(final, problem, volume))
+        for final in output_paths(path, volume, format, preview):
+            problem = previous_output_problem(final, format)
+            if problem is not None:
+                raise ConfigurationError(not_ours_message(final, problem, volume))
 
 
 def check_output_dir(
@@ -251,6 +379,7 @@ def check_output_dir(
     create: bool = True,
     other_inputs: Sequence[str | os.PathLike] = (),
     format: str = "hdf5",
+    preview: bool = False,
 ) -> list[Path]:
     """Check that prediction can write into ``output_dir`` without touching any input; create it if ``create``.
 
@@ -262,7 +391,8 @@ def check_output_dir(
         create: create the missing directories and probe that a file can be written there. Default True. With False
             (checks before the run, which must leave nothing behind) only the nearest existing ancestor is checked.
         other_inputs: further files the run reads (the checkpoint). Default: none.
-        format: the output format, ``"hdf5"`` or ``"zarr"`` (see :func:`output_path`). Default ``"hdf5"``.
+        format: the output format, a name of ``OUTPUT_SUFFIXES`` (see :func:`output_path`). Default ``"hdf5"``.
+        preview: the run writes ``<stem>_preview.png`` files too (checked like the outputs). Default False.
 
     Returns:
         The directories that were created, deepest first (empty with ``create=False``); remove them with
@@ -275,7 +405,7 @@ def check_output_dir(
     """
     path = Path(output_dir).expanduser()
     check_collisions(path, [Path(p) for p in volumes], [Path(p) for p in other_inputs], format)
-    check_outputs(path, volumes, format)
+    check_outputs(path, volumes, format, preview)
     existing = nearest_existing(path)
     if not existing.is_dir():
         raise ConfigurationError(
@@ -349,6 +479,15 @@ def check_collisions(
                 f"prediction.output_dir {output_dir}: the prediction of {volume} would be written to {final}, which "
                 f"is the input {clash}; inputs are never overwritten: choose another prediction.output_dir"
             )
+        for side in output_paths(output_dir, volume, format)[1:]:  # the files beside a TIFF output
+            side_clash = by_path.get(side.resolve())
+            if side_clash is None and (key := _file_key(side)) is not None:
+                side_clash = by_inode.get(key)
+            if side_clash is not None:
+                raise ConfigurationError(
+                    f"prediction.output_dir {output_dir}: the prediction of {volume} would write {side}, which is "
+                    f"the input {side_clash}; inputs are never overwritten: choose another prediction.output_dir"
+                )
 
 
 # ------------------------------------------------------------------------------------------------ temporaries
@@ -408,4 +547,5 @@ def remove_own_temporaries(output_dir: str | os.PathLike, volumes: Sequence[str 
     """Remove this process's temporary outputs of ``volumes`` by name: a stop signal may arrive between creating a
     file and recording it, so what was recorded is not enough."""
     for volume in volumes:
-        remove_path(temporary_path(output_path(output_dir, volume, format)))
+        for final in output_paths(output_dir, volume, format, preview=True):
+            remove_path(temporary_path(final))

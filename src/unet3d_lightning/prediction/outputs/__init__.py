@@ -16,11 +16,18 @@ A :class:`VolumeOutput` writes its store under a temporary name and renames it w
 are gathered into whole rows of chunks (:class:`~.chunks.ChunkRowDataset`), which a small thread pool compresses in
 parallel where the format lets the writer do it; a :class:`BackgroundWriter` runs a volume's writes in order, beside
 the model. A new format is a module with a :class:`~.base.Store` class, registered in :data:`STORES`.
+
+``format="ome-zarr"`` writes an NGFF 0.4 image ``<stem>_predictions.ome.zarr`` (:mod:`.ome_zarr`: level 0 as above,
+smaller levels after it, the segmentation and instances as label images) and ``format="tiff"`` ImageJ hyperstacks
+``<stem>_predictions.tif``, ``<stem>_segmentation.tif``, ``<stem>_instances.tif`` (:mod:`.tiff`), both at the
+volume's voxel size.
 """
 
 from .base import BackgroundWriter, Store, replace_directory, writing
 from .chunks import CHUNK_ZYX, COMPRESSION_THREADS, MAX_PENDING_CHUNKS, ChunkRowDataset, compression_pool
 from .hdf5 import GZIP_LEVEL, Hdf5Store
+from .ome_zarr import OmeZarrStore
+from .tiff import TiffStore
 from .volume import STORES, VolumeOutput, compresses_in_threads
 from .zarr import ZARR_CLEVEL, ZarrStore
 
@@ -29,3 +36,4 @@ __all__ = [
     "BackgroundWriter", "ChunkRowDataset", "Hdf5Store", "Store", "VolumeOutput", "ZarrStore", "compresses_in_threads",
     "compression_pool", "replace_directory", "writing",
 ]
+__all__ += ["OmeZarrStore", "TiffStore"]

@@ -16,6 +16,8 @@ from ...instances import WatershedOptions
 from ..paths import not_ours_message, previous_output_problem, remove_path, temporary_path
 from .chunks import ChunkRowDataset
 from .hdf5 import Hdf5Store
+from .ome_zarr import OmeZarrStore
+from .tiff import TiffStore
 from .nifti import NiftiStore
 from .zarr import ZarrStore
 
@@ -24,6 +26,8 @@ from .zarr import ZarrStore
 # ``paths.previous_output_problem``.
 STORES: dict[str, Any] = {"hdf5": Hdf5Store, "zarr": ZarrStore}
 STORES["nifti"] = NiftiStore
+STORES["ome-zarr"] = OmeZarrStore
+STORES["tiff"] = TiffStore
 
 
 def compresses_in_threads(format: str, compression: str | None) -> bool:
@@ -48,14 +52,23 @@ class VolumeOutput:
             or None. Default None.
         volume: the input :class:`~unet3d_lightning.data.volumes.Volume`, for stores that take metadata from it
             (a store class with ``takes_volume = True``: NIfTI's header and affine). Default None.
+        voxel_size: the volume's ``(z, y, x)`` voxel size, or None when unknown; the stores of formats that record
+            it (OME-Zarr, TIFF: ``physical``) take it. Default None.
+        unit: the voxel size's unit (``"um"``, ...), or None. Default None.
+        preview: the activation (``"softmax"``/``"sigmoid"``) to gather the central planes of the preview's overlay
+            while the rows stream past (:attr:`preview_planes`), or None for no preview. Default None.
     """
 
     def __init__(
         self, final: Path, shape: Sequence[int], channels: int, dtype: str, segmentation: str | None,
         compression: str | None, pool: ThreadPoolExecutor | None, format: str = "hdf5",
         instances: tuple[dict[str, Any], WatershedOptions] | None = None, volume: Any = None,
+        voxel_size: Sequence[float] | None = None, unit: str | None = None, preview: str | None = None,
     ) -> None:
         self.final = final
+        self.preview_activation = preview
+        self.preview_kind = "labels" if segmentation is not None else "probability"
+        self._planes: Any = None
         self.instances = instances
         self.compression = compression
         self.tmp = temporary_path(final)
@@ -64,6 +77,8 @@ class VolumeOutput:
         try:
             remove_path(self.tmp)  # left by a killed run of a process with our pid
             extra = {"volume": volume} if getattr(store, "takes_volume", False) else {}
+            if getattr(store, "physical", False):
+                extra.update(voxel_size=voxel_size, unit=unit)
             self.file: Any = store(self.tmp, compression, **extra)
         except BaseException:
             self._remove_tmp()  # it may exist before the failure (HDF5 creates the file, then fails on a full disk)
@@ -92,12 +107,27 @@ class VolumeOutput:
                 segmentation = probabilities.argmax(0).astype(self.segmentation.dataset.dtype)
             else:
                 segmentation = (probabilities > 0.5).astype(np.uint8)
+        if self.preview_activation is not None:
+            self._collect_planes(z0, z1, probabilities, segmentation)
         if self.scale != 1.0:
             probabilities = np.clip(np.rint(probabilities * self.scale), 0, self.scale)
         # The chunk-row buffers have the storage dtype: copying into them is the cast.
         self.predictions.add(z0, z1, probabilities)
         if self.segmentation is not None:
             self.segmentation.add(z0, z1, segmentation)
+
+    def _collect_planes(self, z0: int, z1: int, probabilities: np.ndarray, segmentation: np.ndarray | None) -> None:
+        from ..preview import PlaneCollector, overlay_map
+
+        values, self.preview_kind = overlay_map(probabilities, segmentation, self.preview_activation or "softmax")
+        if self._planes is None:
+            self._planes = PlaneCollector((self.predictions.shape[1], *values.shape[1:]))
+        self._planes.add(z0, z1, values)
+
+    @property
+    def preview_planes(self) -> list[np.ndarray] | None:
+        """The overlay's three central planes (see :mod:`~unet3d_lightning.prediction.preview`), once written."""
+        return None if self._planes is None else self._planes.planes
 
     def commit(self) -> None:
         """Finish every dataset, then rename the store to its final name (replacing an earlier output there)."""
