@@ -449,7 +449,10 @@ def test_file_that_is_not_tiff_and_truncated_tiff(tmp_path):
     raw, label = good()
     bad = tmp_path / "notes.tif"
     bad.write_bytes(b"this is a text file, not TIFF\n" * 20)
-    message = setup_error({"paths": [str(bad)], "label_paths": [str(bad)]})
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "notes.tif").write_bytes(bad.read_bytes())
+    message = setup_error({"paths": [str(bad)], "label_paths": [str(labels / "notes.tif")]})
     assert str(bad) in message and "cannot be read as a TIFF file" in message
 
     args = store(tmp_path, "tiff", "t", raw, label)
