@@ -167,6 +167,21 @@ def context_halo(receptive: Sequence[int], patch: Sequence[int]) -> tuple[int, .
     return tuple(min((int(r) - 1) // 2, max(0, (int(p) - 1) // 2)) for r, p in zip(receptive, patch))
 
 
+def activation_scale(channels: Sequence[int], pool_kernel_size: KernelSetting = 2, spatial_dims: int = 3) -> float:
+    """How much more activation memory a network holds than the same channels with the classic 2× pooling on every
+    axis: ``sum_l c_l / v_l`` over its levels (``c_l`` the level's channels, at least 16 as oneDNN pads them;
+    ``v_l`` how many input voxels one of its voxels covers) divided by the same sum for ``v_l = 2**(l * dims)``.
+    1.0 exactly for the classic pooling; about 1.4 for ``[1, 2, 2]`` pooling on four levels of doubling channels,
+    whose coarser levels shrink four- instead of eightfold."""
+    pools = pool_kernels(pool_kernel_size, len(channels), spatial_dims)
+    covered, classic = [1], [1]
+    for level in pools:
+        covered.append(covered[-1] * math.prod(level))
+        classic.append(classic[-1] * 2**spatial_dims)
+    fmaps = [max(int(c), 16) for c in channels]
+    return sum(c / v for c, v in zip(fmaps, covered)) / sum(c / v for c, v in zip(fmaps, classic))
+
+
 def is_default(pool_kernel_size: KernelSetting, conv_kernel_size: KernelSetting) -> bool:
     """Whether the settings are the classic 2 / 3 on every axis and level (in any of the forms)."""
     flat = []
