@@ -354,3 +354,19 @@ def test_patch_shorter_than_the_divisor_names_the_smallest_valid_one(tmp_path, c
     # per-level pooling: z pooled by 2 once, y and x twice (divisor [2, 4, 4])
     line = error_line(capsys, fit_args(tmp_path, "[1, 2, 32]", pool_kernel_size="[[1, 2, 2], [2, 2, 2]]"))
     assert "along z, y" in line and "[2, 4, 4]" in line and "smallest valid patch is [2, 4, 32]" in line
+
+
+def test_kernel_flags_against_a_checkpoint_from_before_the_kernels(tmp_path, capsys):
+    """A checkpoint written before these settings has the classic kernels: the same in another form is accepted,
+    other kernels are named as a contradiction (not as a damaged file)."""
+    fixture = Path(__file__).parent / "fixtures" / "checkpoints" / "unet_gcr_deconv" / "model.ckpt"
+    assert "pool_kernel_size" not in torch.load(fixture, weights_only=True)["hyper_parameters"]
+    raw, _ = blob_volume(shape=(4, 16, 16), seed=0)
+    write_h5(tmp_path / "v.h5", raw=raw)
+    args = ["predict", "--ckpt_path", str(fixture), "--data.predict_paths", f"[{tmp_path / 'v.h5'}]",
+            "--data.predict_patch_shape", "[4, 16, 16]", "--data.num_workers", "0", "--trainer.accelerator", "cpu",
+            "--prediction.output_dir", str(tmp_path / "pred"), "--trainer.enable_progress_bar", "false"]
+    line = error_line(capsys, [*args, "--model.pool_kernel_size", "[1, 2, 2]"])
+    assert "model.pool_kernel_size=[1, 2, 2] contradicts the checkpoint" in line and "pool_kernel_size=2" in line
+    main([*args, "--model.pool_kernel_size", "[2, 2, 2]", "--model.conv_kernel_size", "[[3, 3, 3], [3, 3, 3]]"])
+    assert (tmp_path / "pred" / "v_predictions.h5").is_file()
