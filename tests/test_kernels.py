@@ -370,3 +370,43 @@ def test_kernel_flags_against_a_checkpoint_from_before_the_kernels(tmp_path, cap
     assert "model.pool_kernel_size=[1, 2, 2] contradicts the checkpoint" in line and "pool_kernel_size=2" in line
     main([*args, "--model.pool_kernel_size", "[2, 2, 2]", "--model.conv_kernel_size", "[[3, 3, 3], [3, 3, 3]]"])
     assert (tmp_path / "pred" / "v_predictions.h5").is_file()
+
+
+@pytest.mark.parametrize("upsample", ["deconv", "interpolate"])
+@pytest.mark.parametrize("kernels", [
+    dict(pool_kernel_size=2, conv_kernel_size=3),
+    dict(pool_kernel_size=[1, 2, 3], conv_kernel_size=[[1, 3, 3], [3, 5, 3]]),
+])
+def test_receptive_field_is_what_a_perturbation_reaches(upsample, kernels):
+    """The receptive field measured: a linear network with positive weights and no biases maps a zero volume to
+    exactly zero, and a single positive voxel to outputs that are positive exactly where that voxel is read (no sum
+    can cancel, and every max-pooling window holding it passes it on), so the voxels along an axis whose unit
+    impulse reaches an output voxel are its receptive field; the widest over neighbouring output voxels (every phase
+    of the pooling grid) is the formula's."""
+    torch.manual_seed(0)
+    net = build_network("unet", 1, 1, f_maps=2, num_levels=2, layer_order="c", upsample=upsample, **kernels)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.zero_() if name.endswith("bias") else p.abs_().add_(0.01)
+    net.eval()
+    expected = receptive_field(kernels["conv_kernel_size"], kernels["pool_kernel_size"], 2, upsample=upsample)
+    divisor = patch_divisor(kernels["pool_kernel_size"], 2)
+    size = tuple(e + 2 * d + 2 for e, d in zip(expected, divisor))
+    base = torch.zeros(1, 1, *size)
+    with torch.no_grad():
+        assert not net(base).any()
+        for axis in range(3):
+            n = size[axis]
+            batch = base.repeat(n, 1, 1, 1, 1)
+            for i in range(n):
+                index = [i, 0] + [s // 2 for s in size]
+                index[2 + axis] = i
+                batch[tuple(index)] = 1.0
+            moved = (net(batch)[:, 0] != 0).flatten(1)  # (impulse position, output voxel)
+            widest = 0
+            for shift in range(divisor[axis]):
+                centre = [s // 2 for s in size]
+                centre[axis] += shift
+                reached = moved[:, np.ravel_multi_index(centre, size)].nonzero().flatten()
+                widest = max(widest, int(reached.max() - reached.min() + 1) if len(reached) else 0)
+            assert widest == expected[axis], (axis, widest, expected)

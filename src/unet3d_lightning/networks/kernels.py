@@ -17,7 +17,7 @@ Usage::
 
     pool = pool_kernels([1, 2, 2], num_levels=3)          # ((1, 2, 2), (1, 2, 2))
     patch_divisor([[1, 2, 2], [2, 2, 2]], num_levels=3)   # (2, 4, 4)
-    receptive_field(3, 2, num_levels=3)                   # (50, 50, 50)
+    receptive_field(3, 2, num_levels=3)                   # (48, 48, 48)
 """
 
 from __future__ import annotations
@@ -129,36 +129,71 @@ def receptive_field(
     spatial_dims: int = 3,
     upsample: str = "deconv",
 ) -> tuple[int, int, int]:
-    """The theoretical receptive field of an output voxel, in input voxels per axis ``(z, y, x)`` (1 along z for a
-    2D network).
+    """The receptive field of the native networks' output voxels: per axis ``(z, y, x)`` (1 along z for a 2D
+    network), the most input voxels one output voxel depends on, over every phase of the pooling grid.
 
-    Every block holds two convolutions of its level's kernel (double convolution, and the two convolutions of a
-    residual block, whose 1×1 projection and shortcut add nothing). With ``j_l`` the product of the pooling factors
-    above level ``l`` (the distance between its voxels in input voxels), a convolution of kernel ``k`` at level ``l``
-    widens the field by ``(k - 1) j_l`` and a pooling of factor ``f`` below it by ``(f - 1) j_l`` (Araujo et al. 2019,
-    "Computing Receptive Fields of Convolutional Neural Networks", Distill); the decoder's convolutions add the same
-    again, and a transposed convolution of kernel ``2f - 1`` and stride ``f`` reads 2 voxels of the coarser level per
-    output (``j_{l+1}`` more) where ``f > 1``; nearest-neighbour upsampling reads one. Squeeze-excitation's global
-    average is not counted.
+    The U-Net is followed along each axis separately (every kernel is a box), as the interval of input positions
+    each position of each layer reads, away from the borders: a convolution of kernel ``k`` reads ``k // 2`` positions
+    either side, a max-pooling of factor ``f`` its window ``[f c, f c + f - 1]``, the transposed convolution (kernel
+    ``2f - 1``, stride ``f``, padding ``f - 1``) the coarse positions ``ceil((o - f + 1) / f) .. floor((o + f - 1) / f)``,
+    nearest-neighbour upsampling ``o // f``, and a decoder the union of the upsampled path and its skip connection.
+    Every block has two convolutions of its level's kernel (a residual block's 1×1 projection and shortcut read
+    nothing more). Squeeze-excitation's global average is not counted. For the classic chain without skip
+    connections this is Araujo et al. 2019 ("Computing Receptive Fields of Convolutional Neural Networks",
+    Distill): each kernel ``k`` at a level whose voxels are ``j`` input voxels apart adds ``(k - 1) j``.
+
+    Args:
+        conv_kernel_size, pool_kernel_size: the network's settings, any of their forms. Defaults 3 and 2.
+        num_levels: the network's levels. Default 4.
+        spatial_dims: 3 or 2. Default 3.
+        upsample: ``"deconv"`` or ``"interpolate"``. Default ``"deconv"``.
     """
     convs = conv_kernels(conv_kernel_size, num_levels, spatial_dims)
     pools = pool_kernels(pool_kernel_size, num_levels, spatial_dims)
     field = []
     for axis in range(spatial_dims):
-        jump, size = 1, 1
-        jumps = []
-        for level in range(num_levels):
-            jumps.append(jump)
-            size += 2 * (convs[level][axis] - 1) * jump  # the encoder's two convolutions
-            if level < num_levels - 1:
-                size += (pools[level][axis] - 1) * jump
-                jump *= pools[level][axis]
-        for level in range(num_levels - 2, -1, -1):
-            if upsample == "deconv" and pools[level][axis] > 1:
-                size += jumps[level + 1]
-            size += 2 * (convs[level][axis] - 1) * jumps[level]  # the decoder's two convolutions
-        field.append(size)
+        factors = [level[axis] for level in pools]
+        kernels = [level[axis] for level in convs]
+        field.append(_axis_field(kernels, factors, upsample))
     return tuple(field) if spatial_dims == 3 else (1, *field)  # type: ignore[return-value]
+
+
+def _axis_field(kernels: Sequence[int], factors: Sequence[int], upsample: str) -> int:
+    """:func:`receptive_field` along one axis: intervals ``(lo, hi)`` of input positions per position of a line
+    long enough that its middle sees no border."""
+    divisor = math.prod(factors)
+    bound = 1 + sum(2 * (k - 1) for k in kernels) * divisor * 2 + 4 * divisor
+    length = divisor * (2 * (bound // divisor) + 4)
+
+    def conv(line: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
+        h, n = k // 2, len(line)
+        return [(line[max(i - h, 0)][0], line[min(i + h, n - 1)][1]) for i in range(n)]
+
+    def block(line: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
+        return conv(conv(line, k), k)
+
+    line = [(i, i) for i in range(length)]
+    skips = []
+    for level, k in enumerate(kernels):
+        if level:
+            f = factors[level - 1]
+            line = [(line[f * c][0], line[min(f * c + f - 1, len(line) - 1)][1]) for c in range(-(-len(line) // f))]
+        line = block(line, k)
+        skips.append(line)
+    skips.pop()
+    for level in range(len(kernels) - 2, -1, -1):
+        skip, f, deep = skips.pop(), factors[level], line
+        up = []
+        for o in range(len(skip)):
+            if upsample == "deconv":
+                first, last = max(-((f - 1 - o) // f), 0), min((o + f - 1) // f, len(deep) - 1)
+            else:
+                first = last = min(o // f, len(deep) - 1)
+            up.append((deep[first][0], deep[last][1]))
+        joined = [(min(a[0], b[0]), max(a[1], b[1])) for a, b in zip(skip, up)]
+        line = block(joined, kernels[level])
+    middle = line[length // 2 - divisor: length // 2 + divisor]
+    return max(hi - lo + 1 for lo, hi in middle)
 
 
 def context_halo(receptive: Sequence[int], patch: Sequence[int]) -> tuple[int, ...]:

@@ -15,10 +15,16 @@ residual blocks (Lee et al. 2017, arXiv:1706.00120; see :class:`~unet3d_lightnin
 each level is one block, and the decoder upsamples with a transposed convolution to the skip connection's channels
 and joins by summation, as pytorch-3dunet's ``ResidualUNet3D``.
 
-Any input size works: pooling uses ``ceil_mode`` (a level of odd size ``2k+1`` pools to ``k+1``), and upsampling
-targets the exact size of the skip connection (``ConvTranspose3d`` with ``output_size``, or ``interpolate`` with
+Pooling and convolution kernels may differ per level and axis (``pool_kernel_size``, ``conv_kernel_size``; see
+:mod:`~unet3d_lightning.networks.kernels`): e.g. ``[1, 2, 2]`` pooling for anisotropic voxels, each decoder undoing
+its level's factors. The defaults, 2 and 3 everywhere, build the classic network module for module.
+
+Any input size works: pooling uses ``ceil_mode`` (a level of size ``f k + r`` pools to ``k + 1``), and upsampling
+targets the exact size of the skip connection (``ConvTranspose3d`` of kernel ``2f - 1``, stride ``f`` and padding
+``f - 1`` with ``output_size``, which reaches every size ceil-mode pooling came from, or ``interpolate`` with
 ``size``). Nothing is padded or cropped, so the output has exactly the input's spatial size, and a size of ``n``
-along an axis needs no multiple of ``2**(num_levels - 1)``.
+along an axis needs no multiple of the axis' pooling factors multiplied (the patch-size rule of the data asks only
+for at least that many voxels, so that no level pools an axis already down to one voxel).
 
 pytorch-3dunet's layer details differ from ours in a few places, recorded in the checkpoint as ``variant``:
 
@@ -104,7 +110,7 @@ class DecoderLevel(nn.Module):
     Args:
         deep_channels, skip_channels: channels of the deeper level and of the skip connection.
         make_block: ``(in_channels, out_channels) -> block``.
-        upsample: ``"deconv"`` (a transposed convolution, kernel 3, stride 2) or ``"interpolate"`` (nearest).
+        upsample: ``"deconv"`` (a transposed convolution of stride ``scale``) or ``"interpolate"`` (nearest).
             Default ``"deconv"``.
         joining: ``"concat"`` (skip first, as pytorch-3dunet) or ``"sum"``. Default ``"concat"``.
         spatial_dims: 3 or 2. Default 3.
@@ -127,8 +133,8 @@ class DecoderLevel(nn.Module):
         self.up: nn.Module | None = None
         if upsample == "deconv":
             up_channels = skip_channels if up_channels is None else up_channels
-            # kernel 3, stride 2, padding 1 gives 2n-1 or 2n voxels (output_size picks); with ceil-mode pooling
-            # that is always the skip connection's size.
+            # kernel 2f-1, stride f, padding f-1 gives f n - f + 1 ... f n voxels (output_size picks): every size
+            # that ceil-mode pooling by f brings down to n. For f = 2: kernel 3, stride 2, padding 1, as ever.
             transposed = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
             factors = (scale,) * spatial_dims if isinstance(scale, int) else tuple(scale)
             if variant == "native":
