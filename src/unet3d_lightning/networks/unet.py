@@ -42,6 +42,7 @@ layer has read it (:meth:`UNet.forward`); the result is bit-identical to calling
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -308,6 +309,12 @@ class UNet(nn.Module):
             register(_rename_old_keys)
         else:
             self._register_load_state_dict_pre_hook(_rename_old_keys, with_module=True)
+
+    @property
+    def patch_divisor(self) -> tuple[int, ...]:
+        """Per axis of the input (``(z, y, x)``, or ``(y, x)`` for a 2D network), the product of the pooling factors:
+        the fewest voxels an input should have along it (:func:`~unet3d_lightning.networks.kernels.patch_divisor`)."""
+        return tuple(math.prod(level[axis] for level in self.pool_kernels) for axis in range(self.spatial_dims))
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spatial_dims)
