@@ -66,8 +66,10 @@ def test_forms_normalise_to_one_kernel_per_level_and_axis():
     assert patch_divisor([[2, 3], [1, 2]], 3, spatial_dims=2) == (1, 2, 6)
     assert patch_divisor(2, 1) == (1, 1, 1)
     # the network says the same of itself, on its own axes
-    assert UNet(f_maps=4, num_levels=4, num_groups=2, pool_kernel_size=[[1, 2, 2], [1, 2, 2], [2, 2, 2]]).patch_divisor == (2, 8, 8)
-    assert UNet(f_maps=4, num_levels=3, num_groups=2, spatial_dims=2, pool_kernel_size=[[2, 3], [1, 2]]).patch_divisor == (2, 6)
+    net = UNet(f_maps=4, num_levels=4, num_groups=2, pool_kernel_size=[[1, 2, 2], [1, 2, 2], [2, 2, 2]])
+    assert net.patch_divisor == (2, 8, 8)
+    net = UNet(f_maps=4, num_levels=3, num_groups=2, spatial_dims=2, pool_kernel_size=[[2, 3], [1, 2]])
+    assert net.patch_divisor == (2, 6)
 
 
 @pytest.mark.parametrize("setting, levels, words", [
@@ -203,14 +205,16 @@ def test_default_kernels_in_every_form_build_the_network_of_before(architecture,
         spelled = build_network(architecture, 1, 2, f_maps=4, num_levels=3, num_groups=2, spatial_dims=dims,
                                 pool_kernel_size=pool, conv_kernel_size=conv)
         assert str(spelled) == str(plain)
-        assert {k: v.shape for k, v in spelled.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+        shapes = {k: v.shape for k, v in plain.state_dict().items()}
+        assert {k: v.shape for k, v in spelled.state_dict().items()} == shapes
         spelled.load_state_dict(plain.state_dict())
         x = torch.randn(1, 1, *([7, 10, 9][-dims:]))
         with torch.no_grad():
             assert torch.equal(spelled(x), plain(x))
     # and the transposed convolutions are those of before: kernel 3, stride 2, padding 1
     for decoder in plain.decoders:
-        assert (decoder.up.kernel_size, decoder.up.stride, decoder.up.padding) == ((3,) * dims, (2,) * dims, (1,) * dims)
+        up = decoder.up
+        assert (up.kernel_size, up.stride, up.padding) == ((3,) * dims, (2,) * dims, (1,) * dims)
 
 
 @pytest.mark.parametrize("architecture, upsample", [
@@ -320,7 +324,8 @@ def test_two_slice_patches_train_and_predict_with_in_plane_pooling(tmp_path):
     predicts a volume at the volume's own shape, equal to the network's softmax on the standardised volume."""
     raw, label = blob_volume(shape=(4, 32, 32), seed=0)
     write_h5(tmp_path / "train.h5", raw=raw, label=label)
-    main(fit_args(tmp_path, "[2, 32, 32]", pool_kernel_size="[1, 2, 2]", conv_kernel_size="[[1, 3, 3], [3, 3, 3], [3, 3, 3]]"))
+    main(fit_args(tmp_path, "[2, 32, 32]", pool_kernel_size="[1, 2, 2]",
+                  conv_kernel_size="[[1, 3, 3], [3, 3, 3], [3, 3, 3]]"))
     checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))
     hparams = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
     assert hparams["pool_kernel_size"] == [1, 2, 2]

@@ -116,7 +116,9 @@ def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[
             raise ConfigurationError(
                 f"{source}: model.{key}={value!r} is not supported; only pytorch-3dunet's default {default} is"
             )
-    swallowed = {key: model[key] for key in _SWALLOWED if key in model and not _all_equal_to(model[key], _SWALLOWED[key])}
+    swallowed = {
+        key: model[key] for key in _SWALLOWED if key in model and not _all_equal_to(model[key], _SWALLOWED[key])
+    }
     if swallowed:
         given = ", ".join(f"{key}={value!r}" for key, value in swallowed.items())
         notes.append(

@@ -229,7 +229,9 @@ class ResidualBlock(nn.Module):
         else:
             self.project = nn.Identity()
         first, second = dropout_pair(dropout)
-        self.conv1 = SingleConv(out_channels, out_channels, order, num_groups, spatial_dims, variant, kernel_size, first)
+        self.conv1 = SingleConv(
+            out_channels, out_channels, order, num_groups, spatial_dims, variant, kernel_size, first
+        )
         no_activation = "".join(letter for letter in order if letter not in "rle")
         self.conv2 = SingleConv(
             out_channels, out_channels, no_activation, num_groups, spatial_dims, variant, kernel_size, second

@@ -70,7 +70,9 @@ def level_kernels(
                              f"{count}, one per {entry}; give {form}")
         for entry in per_level:
             if len(entry) != spatial_dims or not all(_is_int(v) for v in entry):
-                raise ValueError(f"{key} {_plain(value)}: entry {entry} is not {spatial_dims} ints [{axes}]; give {form}")
+                raise ValueError(
+                    f"{key} {_plain(value)}: entry {entry} is not {spatial_dims} ints [{axes}]; give {form}"
+                )
     else:
         raise ValueError(f"{key} {value!r} is not {form}")
     for entry in per_level:
@@ -79,12 +81,16 @@ def level_kernels(
     return tuple(tuple(int(v) for v in entry) for entry in per_level)
 
 
-def pool_kernels(pool_kernel_size: KernelSetting = 2, num_levels: int = 4, spatial_dims: int = 3) -> tuple[tuple[int, ...], ...]:
+def pool_kernels(
+    pool_kernel_size: KernelSetting = 2, num_levels: int = 4, spatial_dims: int = 3,
+) -> tuple[tuple[int, ...], ...]:
     """The ``num_levels - 1`` pooling factors (window = stride), per axis. Default 2 everywhere."""
     return level_kernels(pool_kernel_size, num_levels - 1, spatial_dims, "pool_kernel_size", "pooling")
 
 
-def conv_kernels(conv_kernel_size: KernelSetting = 3, num_levels: int = 4, spatial_dims: int = 3) -> tuple[tuple[int, ...], ...]:
+def conv_kernels(
+    conv_kernel_size: KernelSetting = 3, num_levels: int = 4, spatial_dims: int = 3,
+) -> tuple[tuple[int, ...], ...]:
     """The ``num_levels`` convolution kernels, per axis; each must be odd ("same" padding ``k // 2``). Default 3.
 
     Raises:
@@ -100,7 +106,9 @@ def conv_kernels(conv_kernel_size: KernelSetting = 3, num_levels: int = 4, spati
     return kernels
 
 
-def patch_divisor(pool_kernel_size: KernelSetting = 2, num_levels: int = 4, spatial_dims: int = 3) -> tuple[int, int, int]:
+def patch_divisor(
+    pool_kernel_size: KernelSetting = 2, num_levels: int = 4, spatial_dims: int = 3,
+) -> tuple[int, int, int]:
     """The per-axis divisor of a network's patches, ``(z, y, x)``: each axis' pooling factors multiplied.
 
     A patch must be at least this long along every axis, so that every pooling has voxels to pool (the patch-size
@@ -135,7 +143,8 @@ def receptive_field(
     The U-Net is followed along each axis separately (every kernel is a box), as the interval of input positions
     each position of each layer reads, away from the borders: a convolution of kernel ``k`` reads ``k // 2`` positions
     either side, a max-pooling of factor ``f`` its window ``[f c, f c + f - 1]``, the transposed convolution (kernel
-    ``2f - 1``, stride ``f``, padding ``f - 1``) the coarse positions ``ceil((o - f + 1) / f) .. floor((o + f - 1) / f)``,
+    ``2f - 1``, stride ``f``, padding ``f - 1``) the coarse positions
+    ``ceil((o - f + 1) / f) .. floor((o + f - 1) / f)``,
     nearest-neighbour upsampling ``o // f``, and a decoder the union of the upsampled path and its skip connection.
     Every block has two convolutions of its level's kernel (a residual block's 1×1 projection and shortcut read
     nothing more). Squeeze-excitation's global average is not counted. For the classic chain without skip

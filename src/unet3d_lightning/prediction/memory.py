@@ -172,7 +172,8 @@ def network_scale(hparams: Mapping[str, Any]) -> float:
 
     try:
         f_maps = hparams.get("f_maps", 64)
-        channels = level_channels(f_maps if isinstance(f_maps, int) else list(f_maps), int(hparams.get("num_levels", 4)))
+        levels = int(hparams.get("num_levels", 4))
+        channels = level_channels(f_maps if isinstance(f_maps, int) else list(f_maps), levels)
         return activation_scale(channels, pool, int(hparams.get("spatial_dims", 3)))
     except (ValueError, TypeError):
         return 1.0
