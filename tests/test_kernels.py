@@ -319,7 +319,7 @@ def fit_args(root: Path, patch: str, **model) -> list[str]:
     return args
 
 
-def test_two_slice_patches_train_and_predict_with_in_plane_pooling(tmp_path):
+def test_two_slice_patches_train_and_predict_with_in_plane_pooling(tmp_path, capsys):
     """A 3-level model pooling [1, 2, 2] trains on [2, 32, 32] patches; its checkpoint records the kernels, and it
     predicts a volume at the volume's own shape, equal to the network's softmax on the standardised volume."""
     raw, label = blob_volume(shape=(4, 32, 32), seed=0)
@@ -349,6 +349,13 @@ def test_two_slice_patches_train_and_predict_with_in_plane_pooling(tmp_path):
     with torch.no_grad():
         expected = torch.softmax(model.net(x), dim=1)[0].numpy()
     np.testing.assert_allclose(predicted, expected, rtol=0, atol=1e-5)
+    # a prediction patch shorter than the trained network's divisor [1, 4, 4]: named, with no advice to re-pool
+    line = error_line(capsys, ["predict", "--ckpt_path", str(checkpoint), "--data.predict_paths",
+                               f"[{tmp_path / 'vol.h5'}]", "--data.predict_patch_shape", "[3, 2, 36]",
+                               "--data.num_workers", "0", "--prediction.output_dir", str(tmp_path / "pred2"),
+                               "--trainer.accelerator", "cpu"])
+    assert "data.predict_patch_shape [3, 2, 36]" in line and "smallest valid patch is [3, 4, 36]" in line
+    assert "pool z less" not in line and not (tmp_path / "pred2" / "vol_predictions.h5").exists()
 
 
 def test_patch_shorter_than_the_divisor_names_the_smallest_valid_one(tmp_path, capsys):

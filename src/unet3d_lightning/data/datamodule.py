@@ -590,7 +590,7 @@ def check_patch_divisor(patch: Sequence[int], divisor: Sequence[int], key: str) 
         return
     smallest = [max(int(p), int(d)) for p, d in zip(patch, divisor)]
     alternative = ""
-    if short == ["z"] and int(divisor[1]) > 1:
+    if short == ["z"] and int(divisor[1]) > 1 and key != "predict_patch_shape":  # a trained model keeps its pooling
         alternative = (f", or pool z less (model.pool_kernel_size per level, e.g. [1, 2, 2] for the first levels; "
                        "README 'Anisotropic data')")
     raise ConfigurationError(
