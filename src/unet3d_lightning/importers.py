@@ -113,8 +113,11 @@ def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[
     for key, default in _FIXED.items():
         value = model.get(key, default)
         if value != default and not (isinstance(value, (list, tuple)) and set(value) == {default}):
+            why = (f" ({name} does pass it to its 3x3x3 convolutions, unlike conv_kernel_size and pool_kernel_size, "
+                   "and only padding 1 keeps their output the input's size, as every network here does)"
+                   if key == "conv_padding" else "")
             raise ConfigurationError(
-                f"{source}: model.{key}={value!r} is not supported; only pytorch-3dunet's default {default} is"
+                f"{source}: model.{key}={value!r} is not supported; only pytorch-3dunet's default {default} is{why}"
             )
     swallowed = {
         key: model[key] for key in _SWALLOWED if key in model and not _all_equal_to(model[key], _SWALLOWED[key])
