@@ -6,6 +6,7 @@ training only."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -425,3 +426,33 @@ def test_receptive_field_is_what_a_perturbation_reaches(upsample, kernels):
                 reached = moved[:, np.ravel_multi_index(centre, size)].nonzero().flatten()
                 widest = max(widest, int(reached.max() - reached.min() + 1) if len(reached) else 0)
             assert widest == expected[axis], (axis, widest, expected)
+
+
+KERNEL_FIXTURE = Path(__file__).parent / "fixtures" / "kernels" / "anisotropic_unet_dropout"
+
+
+def test_checkpoint_with_kernels_and_dropout_loads_and_predicts_as_when_written(tmp_path, monkeypatch):
+    """tests/fixtures/make_kernel_checkpoint.py's checkpoint (a per-level-kernel U-Net with dropout, written by the
+    first version with kernels): the settings it records rebuild its network, which loads its weights strictly and
+    computes, and ``unet3d predict`` writes, what that version did."""
+    checkpoint = torch.load(KERNEL_FIXTURE / "model.ckpt", map_location="cpu", weights_only=True)
+    hp = checkpoint["hyper_parameters"]
+    assert hp["pool_kernel_size"] == [[1, 2, 2], [2, 2, 2]] and hp["dropout"] == 0.2
+    net = build_network("unet", 1, 2, f_maps=4, num_levels=3, layer_order="gcrd", num_groups=2,
+                        pool_kernel_size=hp["pool_kernel_size"], conv_kernel_size=hp["conv_kernel_size"],
+                        dropout=0.2).eval()
+    net.load_state_dict({k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
+    expected = torch.load(KERNEL_FIXTURE / "expected.pt", map_location="cpu", weights_only=True)
+    module = UNet3DModule.load_from_checkpoint(KERNEL_FIXTURE / "model.ckpt", map_location="cpu").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(expected["input"].clone()), expected["logits"], atol=1e-5, rtol=0)
+        probabilities = module.predict_step({"raw": expected["input"].clone()}, 0)["probabilities"]
+    torch.testing.assert_close(probabilities, expected["probabilities"], atol=1e-6, rtol=0)
+    shutil.copy(KERNEL_FIXTURE / "model.ckpt", tmp_path / "model.ckpt")
+    shutil.copy(KERNEL_FIXTURE.parents[1] / "checkpoints" / "volume.h5", tmp_path / "volume.h5")
+    monkeypatch.chdir(tmp_path)
+    main(["predict", "--ckpt_path", "model.ckpt", "--data.predict_paths", "[volume.h5]",
+          "--data.predict_patch_shape", "[4,12,12]", "--data.num_workers", "0", "--prediction.output_dir", "pred",
+          "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"])
+    with h5py.File("pred/volume_predictions.h5", "r") as now, h5py.File(KERNEL_FIXTURE / "predictions.h5") as then:
+        np.testing.assert_allclose(now["predictions"][()], then["predictions"][()], rtol=0, atol=1e-6)
