@@ -26,7 +26,9 @@ from unet3d_lightning.networks.kernels import (
     conv_kernels,
     patch_divisor,
     pool_kernels,
+    context_halo,
     receptive_field,
+    smallest_valid_patch,
 )
 from unet3d_lightning.prediction.memory import estimate_predict_memory, network_scale
 
@@ -66,6 +68,8 @@ def test_forms_normalise_to_one_kernel_per_level_and_axis():
     assert patch_divisor([[1, 2, 2], [1, 2, 2], [2, 2, 2]], 4) == (2, 8, 8)
     assert patch_divisor([[2, 3], [1, 2]], 3, spatial_dims=2) == (1, 2, 6)
     assert patch_divisor(2, 1) == (1, 1, 1)
+    assert smallest_valid_patch([2, 32, 3], (4, 4, 4)) == (4, 32, 4)
+    assert context_halo((48, 48, 5), (64, 32, 4)) == (23, 15, 1)  # (r - 1) // 2, kept below half the patch
     # the network says the same of itself, on its own axes
     net = UNet(f_maps=4, num_levels=4, num_groups=2, pool_kernel_size=[[1, 2, 2], [1, 2, 2], [2, 2, 2]])
     assert net.patch_divisor == (2, 8, 8)

@@ -226,22 +226,6 @@ def activation_scale(channels: Sequence[int], pool_kernel_size: KernelSetting = 
     return sum(c / v for c, v in zip(fmaps, covered)) / sum(c / v for c, v in zip(fmaps, classic))
 
 
-def is_default(pool_kernel_size: KernelSetting, conv_kernel_size: KernelSetting) -> bool:
-    """Whether the settings are the classic 2 / 3 on every axis and level (in any of the forms)."""
-    flat = []
-    for value in (pool_kernel_size, conv_kernel_size):
-        stack = [value]
-        values = []
-        while stack:
-            item = stack.pop()
-            if isinstance(item, (list, tuple)):
-                stack.extend(item)
-            else:
-                values.append(item)
-        flat.append(set(values))
-    return flat[0] <= {2} and flat[1] <= {3}
-
-
 def _plain(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
