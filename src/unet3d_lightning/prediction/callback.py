@@ -14,9 +14,12 @@ they are stored, :mod:`~unet3d_lightning.prediction.paths` where and what may be
 
 Patches arrive from the predict dataloader in z-major order, volume after volume. Slabs leave the device through
 asynchronous copies to pinned memory; a background thread gathers them into whole rows of chunks, which a small thread
-pool compresses in parallel. Under DDP each rank stitches its own share of the patches and the ranks sum every band
-(``trainer.strategy.reduce``) before it is normalised; rank 0 writes. The result equals the single-device file up to
-float32 summation order.
+pool compresses in parallel. Under DDP (with the DataModule's predict data) each rank owns a contiguous, chunk-aligned
+range of output rows (:mod:`~unet3d_lightning.prediction.distributed`), predicts the patches meeting them, stitches
+and writes them itself: into the one Zarr store, or into a part file that rank 0 joins (HDF5, one writer per file);
+after one gathering at the end rank 0 renames the outputs and prints one line per rank. With another predict dataset
+the ranks sum every band instead (``trainer.strategy.reduce``) and rank 0 writes. Either way the result equals the
+single-device file up to float32 summation order.
 
 The predict dataloader's dataset must expose ``plans``: one entry per volume with ``volume.path``,
 ``volume.spatial_shape`` and ``grid`` (patch slices in z-major order, padded coordinates), as
@@ -54,6 +57,7 @@ from .paths import (
     remove_own_temporaries,
     remove_stale_temporaries,
 )
+from .distributed import OwnedRowsSampler, RowAssignment, assign_rows, gather_objects, rank_report
 from .stitcher import StreamingStitcher
 
 
@@ -88,6 +92,10 @@ class PredictionWriter(Callback):
             blockwise from the written ``predictions`` (e.g. PlantSeg, elf, daisy/lsd). Default False.
         watershed: settings of that watershed (threshold, seed smoothing and spacing, minimum size, memory limit);
             see :class:`~unet3d_lightning.instances.WatershedOptions`. Default ``WatershedOptions()``.
+        resume: continue the outputs an interrupted run left (Zarr only): each output is written into
+            ``.<name>.partial`` with a record of its finished chunk rows and of the settings that change the
+            result; a run with ``resume`` predicts only the patches of the unfinished rows and refuses a record whose
+            settings differ. Without it (default False) a run starts afresh and removes such leftovers.
 
     Example::
 
@@ -108,6 +116,7 @@ class PredictionWriter(Callback):
         format: Literal["hdf5", "zarr"] = "hdf5",
         instances: bool = False,
         watershed: WatershedOptions = WatershedOptions(),
+        resume: bool = False,
     ) -> None:
         if blend not in ("average", "gaussian"):
             raise ConfigurationError(f"prediction.blend {blend!r} is not one of average, gaussian")
@@ -136,6 +145,13 @@ class PredictionWriter(Callback):
         self.format = format
         self.instances = instances
         self.watershed = WatershedOptions(**watershed) if isinstance(watershed, dict) else watershed
+        self.resume = bool(resume)
+        if self.resume and format != "zarr":
+            raise ConfigurationError(
+                f"prediction.resume needs prediction.format zarr (an HDF5 output has one writer and no record of its "
+                f"finished rows); got prediction.format {format}"
+            )
+        self._assignment: RowAssignment | None = None
         self.written: list[Path] = []
         self._created: list[Path] = []  # directories this run created, removed again if it fails
         self._reset()
@@ -152,6 +168,15 @@ class PredictionWriter(Callback):
         self._start = 0.0
         self._pool: ThreadPoolExecutor | None = None
         self._targets: dict[str, Any] | None = None
+        self._owned: RowAssignment | None = None  # rank-owned rows (DDP, resume) instead of band reductions
+        self._outputs: dict[int, VolumeOutput] = {}  # rank 0, owned mode: every volume's output until the end
+        self._shared: list[Path] = []  # owned mode, Zarr: the temporary store of each volume, rank 0's
+        self._needed: set[int] = set()
+        self._parts: dict[int, str] = {}  # owned mode, HDF5, ranks > 0: this rank's part file of each volume
+        self._start_rank = time.perf_counter()
+        self._patches = 0
+        self._values = 0
+        self._sent = 0
 
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -161,6 +186,28 @@ class PredictionWriter(Callback):
             if notes and sys.stderr is not None:
                 with contextlib.suppress(OSError, ValueError):  # a closed stderr: the removals stand without notes
                     print("\n".join(f"note: {note}" for note in notes), file=sys.stderr, flush=True)
+        if stage == "predict":
+            self._plan_regions(trainer)
+
+    def _plan_regions(self, trainer: pl.Trainer) -> None:
+        """Under DDP (or with ``resume``) split the output rows over the ranks and hand the DataModule the patches
+        of each (:mod:`~.distributed`); its ``predict_dataloader`` returns them as the rank's sampler. The
+        DataModule has built its predict dataset already (Lightning runs its setup before the callbacks')."""
+        self._assignment = None
+        if trainer.world_size <= 1 and not self.resume:
+            return
+        datamodule = getattr(trainer, "datamodule", None)
+        plans = getattr(getattr(datamodule, "datasets", {}).get("predict"), "plans", None)
+        if plans is None:
+            if self.resume:
+                raise ConfigurationError("prediction.resume needs the predict data of VolumeDataModule (data.*)")
+            return  # another DataModule: the ranks reduce bands instead
+        finished = self._resume_finished(trainer, plans) if self.resume else None
+        self._assignment = assign_rows(plans, trainer.world_size, self.halo[0], finished=finished)
+        datamodule.predict_assignment = self._assignment
+
+    def _resume_finished(self, trainer: pl.Trainer, plans: Sequence[Any]) -> list[set[tuple[int, int]]] | None:
+        return None
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
@@ -190,6 +237,15 @@ class PredictionWriter(Callback):
             n = len(plan.grid)
             self._share.append(len(range((rank - offset) % world, n, world)))
             offset += n
+        # Lightning wraps the predict batch sampler (to track indices); the sampler stays inside.
+        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
+        if isinstance(sampler, OwnedRowsSampler) and self._assignment is not None and \
+                sampler.assignment is self._assignment:
+            self._owned = self._assignment
+            self._share = [self._owned.patches_of(rank, v, self._plans) for v in range(len(self._plans))]
+            self._open_shared(trainer, pl_module)
+        elif self.resume:
+            raise ConfigurationError("prediction.resume needs the predict loader of VolumeDataModule")
 
     def on_predict_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -214,14 +270,25 @@ class PredictionWriter(Callback):
             while j < len(volumes) and volumes[j] == v:
                 j += 1
             self._advance_to(trainer, pl_module, v)
-            self._write_slabs(self._stitcher.add(probabilities[i:j], starts[i:j]))
+            part, where_part = probabilities[i:j], starts[i:j]
+            if self._owned is not None:
+                # Only the patches meeting this rank's rows (the sampler sends no others).
+                keep = [k for k, z in enumerate(where_part[:, 0].tolist()) if z in self._needed]
+                if len(keep) < j - i:
+                    index = torch.as_tensor(keep, dtype=torch.int64)
+                    part, where_part = part[index.to(part.device)], where_part[index]
+            if len(where_part):
+                self._patches += len(where_part)
+                self._write_slabs(self._stitcher.add(part, where_part))
             if self._bar is not None:
-                self._bar.update(j - i)
+                self._bar.update(len(where_part))
             i = j
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Volumes this rank received no patch of still take part in the band reductions of the other ranks.
         self._advance_to(trainer, pl_module, len(self._plans))
+        if self._owned is not None:
+            self._complete_owned(trainer)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.predict_tta = False
@@ -240,9 +307,11 @@ class PredictionWriter(Callback):
                 self._writer.close()
             except BaseException:  # noqa: BLE001 - the original exception is the one to report
                 pass
-        if self._output is not None:
-            self._output.discard()
-        if trainer.is_global_zero:
+        if self._output is not None and self._output not in self._outputs.values():
+            self._output.discard(keep=self.resume)
+        for output in self._outputs.values():
+            output.discard(keep=self.resume)
+        if (trainer.is_global_zero or self._owned is not None) and not self.resume:
             remove_own_temporaries(self.output_dir, [plan.volume.path for plan in self._plans], self.format)
         if self._bar is not None:
             self._bar.close()
@@ -323,6 +392,9 @@ class PredictionWriter(Callback):
     def _open_volume(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
         plan = self._plans[index]
         channels = int(pl_module.hparams.out_channels)
+        if self._owned is not None:
+            self._open_owned(trainer, pl_module, index)
+            return
         reduce = None
         if trainer.world_size > 1:
             def reduce(band: torch.Tensor) -> torch.Tensor:
@@ -359,6 +431,7 @@ class PredictionWriter(Callback):
         output = self._output
         for z0, z1, slab in slabs:
             self._voxels += slab[0].numel()
+            self._values += slab.numel()
             segmentation = None
             if slab.device.type == "cuda":
                 # The segmentation is cheaper on the device, and the copies to pinned memory run asynchronously:
@@ -387,6 +460,9 @@ class PredictionWriter(Callback):
         return (slab > 0.5).to(torch.uint8)
 
     def _finish_volume(self) -> None:
+        if self._owned is not None:
+            self._finish_owned()
+            return
         self._write_slabs(self._stitcher.finish())
         if self._output is not None:
             with writing(self._output.final, self._output.predictions.shape, self.dtype):
@@ -397,6 +473,117 @@ class PredictionWriter(Callback):
             self._bar.close()
         self._stitcher = self._output = self._writer = self._bar = None
         self._current = None
+
+
+    # ------------------------------------------------------------------------------------------------ owned rows
+    def _new_output(self, pl_module: pl.LightningModule, index: int, rows: tuple[int, int], tmp: Path | None = None,
+                    attach: bool = False, skip: frozenset[int] = frozenset()) -> VolumeOutput:
+        plan = self._plans[index]
+        channels = int(pl_module.hparams.out_channels)
+        segmentation = None
+        if self.save_segmentation:
+            segmentation = "argmax" if getattr(pl_module, "activation", "softmax") == "softmax" else "threshold"
+        if self._pool is None and compresses_in_threads(self.format, self.compression):
+            self._pool = compression_pool()
+        final = output_path(self.output_dir, plan.volume.path, self.format)
+        with writing(final, (channels, *plan.volume.spatial_shape), self.dtype):
+            return VolumeOutput(
+                final, plan.volume.spatial_shape, channels, self.dtype, segmentation, self.compression, self._pool,
+                self.format, instances=(self._targets, self.watershed) if self._targets else None, rows=rows,
+                tmp=tmp, attach=attach, skip=skip,
+            )
+
+    def _open_shared(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Owned mode, at the start: rank 0 creates every volume's Zarr store (its metadata) and tells the other
+        ranks where (the broadcast is the one synchronisation before the ranks write). HDF5: nothing to share, each
+        rank writes a part file of its own."""
+        self._start_rank = time.perf_counter()
+        if not STORES[self.format].shared_writes:
+            return
+        rank = trainer.global_rank
+        paths = None
+        if trainer.is_global_zero:
+            for v in range(len(self._plans)):
+                self._outputs[v] = self._new_output(pl_module, v, self._owned.rows[rank][v])
+            paths = [str(self._outputs[v].tmp) for v in range(len(self._plans))]
+        if trainer.world_size > 1:
+            if trainer.is_global_zero:
+                import pickle
+
+                self._sent += len(pickle.dumps(paths)) * (trainer.world_size - 1)
+            paths = trainer.strategy.broadcast(paths, src=0)
+        self._shared = [Path(p) for p in paths]
+
+    def _open_owned(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
+        """Owned mode: a stitcher of this rank's rows of volume ``index`` and the output they go to (none if the
+        rank owns no rows of it)."""
+        rank = trainer.global_rank
+        plan = self._plans[index]
+        self._current, self._next = index, index + 1
+        self._activation = getattr(pl_module, "activation", "softmax")
+        a, b = self._owned.rows[rank][index]
+        self._stitcher, self._needed = None, set()
+        if a == b:
+            return
+        self._stitcher = StreamingStitcher(
+            plan.volume.spatial_shape, plan.grid, int(pl_module.hparams.out_channels), blend=self.blend,
+            halo=self.halo, device=pl_module.device, rows=(a, b),
+        )
+        self._needed = set(self._stitcher.needed_z_starts())
+        if index in self._outputs:
+            self._output = self._outputs[index]
+        elif STORES[self.format].shared_writes:
+            self._output = self._new_output(pl_module, index, (a, b), tmp=self._shared[index], attach=True)
+        else:
+            self._output = self._new_output(pl_module, index, (a, b))  # this rank's part file
+            if trainer.is_global_zero:
+                self._outputs[index] = self._output
+        self._writer = BackgroundWriter()
+        if trainer.is_global_zero and trainer.progress_bar_callback is not None:
+            self._bar = tqdm(
+                total=self._share[index], desc=f"{Path(plan.volume.path).name} ({index + 1}/{len(self._plans)})",
+                unit="patch", leave=True, dynamic_ncols=True,
+            )
+
+    def _finish_owned(self) -> None:
+        if self._stitcher is not None:
+            self._write_slabs(self._stitcher.finish())
+        output = self._output
+        if output is not None:
+            with writing(output.final, output.predictions.shape, self.dtype):
+                self._writer.close()
+                # Rank 0 keeps its outputs open: the other ranks' rows, the instances and the rename come last.
+                output.finish_rows(close=output not in self._outputs.values())
+            if not output.attached and output not in self._outputs.values():
+                self._parts[self._current] = str(output.tmp)  # an HDF5 part file, for rank 0 to join
+        if self._bar is not None:
+            self._bar.close()
+        self._stitcher = self._output = self._writer = self._bar = None
+        self._current = None
+
+    def _complete_owned(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None = None) -> None:
+        """Owned mode, at the end: one gathering of every rank's report (and HDF5 part files) — the only wait for
+        the other ranks —, then rank 0 joins the parts, writes instances and renames each output."""
+        rank = trainer.global_rank
+        report = {"rank": rank, "patches": self._patches, "values": self._values,
+                  "seconds": time.perf_counter() - self._start_rank, "parts": dict(self._parts)}
+        reports, sent = gather_objects(report, trainer.world_size)
+        self._sent += sent
+        if not trainer.is_global_zero:
+            self._parts = {}
+            return
+        for v in range(len(self._plans)):
+            output = self._outputs.get(v)
+            if output is None:  # HDF5, a volume rank 0 owns no rows of: an empty file the parts are joined into
+                output = self._outputs[v] = self._new_output(trainer.lightning_module, v, (0, 0))
+                output.finish_rows(close=False)
+            parts = [Path(r["parts"][v]) for r in reports if r["rank"] != 0 and v in r["parts"]]
+            with writing(output.final, output.predictions.shape, self.dtype):
+                output.complete(parts)
+            self.written.append(output.final)
+        self._outputs = {}
+        lines = rank_report(reports, self._owned)
+        print("\n".join(lines), flush=True)
 
 
 def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:

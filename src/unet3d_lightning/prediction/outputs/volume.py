@@ -44,37 +44,52 @@ class VolumeOutput:
         format: a name of :data:`STORES`. Default ``"hdf5"``.
         instances: (the model's target spec, watershed settings) to write ``instances`` when the maps are complete,
             or None. Default None.
+        rows: ``(a, b)``, the chunk-aligned rows this process writes (a DDP rank's own rows). Default None: all.
+        tmp: the temporary path. Default None: this process's own (:func:`~..paths.temporary_path`), removed
+            first if a killed process of the same pid left it.
+        attach: open the store another process created at ``tmp`` (a Zarr store every rank writes into, or one
+            a resumed run continues) instead of creating it; its metadata is left as it is. Default False.
+        skip: first rows of the chunk rows not to write again (finished by an interrupted run). Default none.
     """
 
     def __init__(
         self, final: Path, shape: Sequence[int], channels: int, dtype: str, segmentation: str | None,
         compression: str | None, pool: ThreadPoolExecutor | None, format: str = "hdf5",
         instances: tuple[dict[str, Any], WatershedOptions] | None = None,
+        rows: tuple[int, int] | None = None, tmp: Path | None = None, attach: bool = False,
+        skip: frozenset[int] = frozenset(),
     ) -> None:
         self.final = final
         self.instances = instances
         self.compression = compression
-        self.tmp = temporary_path(final)
+        self.tmp = temporary_path(final) if tmp is None else tmp
         self.format = format
+        self.attached = attach
         store = STORES[format]
         try:
-            remove_path(self.tmp)  # left by a killed run of a process with our pid
-            self.file: Any = store(self.tmp, compression)
+            if attach:
+                self.file: Any = store(self.tmp, compression, attach=True)
+            else:
+                remove_path(self.tmp)  # left by a killed run of a process with our pid
+                self.file = store(self.tmp, compression)
         except BaseException:
             self._remove_tmp()  # it may exist before the failure (HDF5 creates the file, then fails on a full disk)
             raise
         try:
             d, h, w = (int(n) for n in shape)
             self.scale = 255.0 if dtype == "uint8" else 1.0
-            self.predictions = ChunkRowDataset(self.file, "predictions", (channels, d, h, w), dtype, pool)
-            self.predictions.dataset.attrs["scale"] = self.scale  # probabilities = stored values / scale
+            own = {"rows": rows, "skip": skip}
+            self.predictions = ChunkRowDataset(self.file, "predictions", (channels, d, h, w), dtype, pool, **own)
+            if not attach:
+                self.predictions.dataset.attrs["scale"] = self.scale  # probabilities = stored values / scale
             self.segmentation: ChunkRowDataset | None = None
             self.segmentation_kind = segmentation
             if segmentation == "argmax":
                 seg_dtype = "uint8" if channels <= 256 else "uint16"
-                self.segmentation = ChunkRowDataset(self.file, "segmentation", (d, h, w), seg_dtype, pool)
+                self.segmentation = ChunkRowDataset(self.file, "segmentation", (d, h, w), seg_dtype, pool, **own)
             elif segmentation == "threshold":
-                self.segmentation = ChunkRowDataset(self.file, "segmentation", (channels, d, h, w), "uint8", pool)
+                self.segmentation = ChunkRowDataset(self.file, "segmentation", (channels, d, h, w), "uint8", pool,
+                                                    **own)
         except BaseException:
             self.discard()
             raise
@@ -108,6 +123,33 @@ class VolumeOutput:
             raise ConfigurationError(not_ours_message(self.final, problem))
         self.file.replace(self.tmp, self.final)
 
+    @property
+    def flushed(self) -> int:
+        """Rows below this one (from this process's first) are in the store, in every dataset."""
+        return min(d.flushed for d in (self.predictions, self.segmentation) if d is not None)
+
+    def finish_rows(self, close: bool = True) -> None:
+        """Finish this process's rows of every dataset (and close the store if ``close``), leaving the store at its
+        temporary name: under DDP the other ranks' rows and the rename (:meth:`complete`) are rank 0's."""
+        self.predictions.close()
+        if self.segmentation is not None:
+            self.segmentation.close()
+        if close:
+            self.file.close()
+
+    def complete(self, parts: Sequence[Path] = ()) -> None:
+        """Rank 0, once every rank has finished its rows: take the chunks of the other ranks' ``parts`` (HDF5 part
+        files, see :meth:`~.hdf5.Hdf5Store.join`), write ``instances``, close, and rename to the final name."""
+        for part in parts:
+            self.file.join(part)
+        if self.instances is not None:
+            self._write_instances(*self.instances)
+        self.file.close()
+        problem = previous_output_problem(self.final, self.format)
+        if problem is not None:
+            raise ConfigurationError(not_ours_message(self.final, problem))
+        self.file.replace(self.tmp, self.final)
+
     def _write_instances(self, spec: dict[str, Any], options: WatershedOptions) -> None:
         """Read the complete maps back and write their watershed as ``instances``: the watershed needs the whole
         volume at once, which the streamed slabs never were."""
@@ -127,10 +169,12 @@ class VolumeOutput:
         output.dataset.attrs["count"] = count
         output.dataset.attrs["method"] = f"seeded watershed of {spec['kind']}: {options}"
 
-    def discard(self) -> None:
-        """Close and delete the temporary file; never raises, since it runs while another error is handled."""
+    def discard(self, keep: bool = False) -> None:
+        """Close and delete the temporary file (``keep``: leave it, for a resumed run); never raises, since it runs
+        while another error is handled."""
         self.file.discard()
-        self._remove_tmp()
+        if not keep:
+            self._remove_tmp()
 
     def _remove_tmp(self) -> None:
         with contextlib.suppress(OSError):
