@@ -58,6 +58,17 @@ from .paths import (
     remove_stale_temporaries,
 )
 from .distributed import OwnedRowsSampler, RowAssignment, assign_rows, gather_objects, rank_report
+from .resume import (
+    Progress,
+    check_settings,
+    finish_record,
+    finished_rows,
+    partial_path,
+    remove_partials,
+    run_settings,
+    start_record,
+    state_dict_digest,
+)
 from .stitcher import StreamingStitcher
 
 
@@ -172,6 +183,7 @@ class PredictionWriter(Callback):
         self._outputs: dict[int, VolumeOutput] = {}  # rank 0, owned mode: every volume's output until the end
         self._shared: list[Path] = []  # owned mode, Zarr: the temporary store of each volume, rank 0's
         self._needed: set[int] = set()
+        self._progress: Progress | None = None
         self._parts: dict[int, str] = {}  # owned mode, HDF5, ranks > 0: this rank's part file of each volume
         self._start_rank = time.perf_counter()
         self._patches = 0
@@ -187,7 +199,18 @@ class PredictionWriter(Callback):
                 with contextlib.suppress(OSError, ValueError):  # a closed stderr: the removals stand without notes
                     print("\n".join(f"note: {note}" for note in notes), file=sys.stderr, flush=True)
         if stage == "predict":
+            if trainer.is_global_zero and not self.resume:
+                plans = self._datamodule_plans(trainer) or []
+                notes = remove_partials(self.output_dir, [plan.volume.path for plan in plans], self.format)
+                if notes and sys.stderr is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        print("\n".join(f"note: {note}" for note in notes), file=sys.stderr, flush=True)
             self._plan_regions(trainer)
+
+    @staticmethod
+    def _datamodule_plans(trainer: pl.Trainer) -> list[Any] | None:
+        datamodule = getattr(trainer, "datamodule", None)
+        return getattr(getattr(datamodule, "datasets", {}).get("predict"), "plans", None)
 
     def _plan_regions(self, trainer: pl.Trainer) -> None:
         """Under DDP (or with ``resume``) split the output rows over the ranks and hand the DataModule the patches
@@ -197,7 +220,7 @@ class PredictionWriter(Callback):
         if trainer.world_size <= 1 and not self.resume:
             return
         datamodule = getattr(trainer, "datamodule", None)
-        plans = getattr(getattr(datamodule, "datasets", {}).get("predict"), "plans", None)
+        plans = self._datamodule_plans(trainer)
         if plans is None:
             if self.resume:
                 raise ConfigurationError("prediction.resume needs the predict data of VolumeDataModule (data.*)")
@@ -206,8 +229,25 @@ class PredictionWriter(Callback):
         self._assignment = assign_rows(plans, trainer.world_size, self.halo[0], finished=finished)
         datamodule.predict_assignment = self._assignment
 
-    def _resume_finished(self, trainer: pl.Trainer, plans: Sequence[Any]) -> list[set[tuple[int, int]]] | None:
-        return None
+    def _resume_finished(self, trainer: pl.Trainer, plans: Sequence[Any]) -> list[set[tuple[int, int]]]:
+        """``prediction.resume``, at setup on every rank: each volume's settings checked against the record of its
+        interrupted output (:mod:`~.resume`; a mismatch raises), and the chunk rows it finished."""
+        module = trainer.lightning_module
+        digest = state_dict_digest(module)
+        normalization = getattr(trainer.datamodule.datasets["predict"], "normalization", None)
+        self._resume_settings = []
+        finished = []
+        for plan in plans:
+            final = output_path(self.output_dir, plan.volume.path, self.format)
+            settings = run_settings(plan, normalization, self, digest, int(module.hparams.out_channels))
+            found = check_settings(final, settings)
+            self._resume_settings.append((settings, found))
+            finished.append(finished_rows(final) if found else set())
+        return finished
+
+    def _skip(self, index: int) -> frozenset[int]:
+        """The first rows of the chunk rows of volume ``index`` an interrupted run finished (resume)."""
+        return frozenset(z0 for z0, _ in self._owned.finished[index]) if self._owned.finished else frozenset()
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
@@ -446,10 +486,12 @@ class PredictionWriter(Callback):
                 values, event = slab.cpu(), None
 
             def job(z0: int = z0, z1: int = z1, values: torch.Tensor = values, segmentation: Any = segmentation,
-                    event: Any = event) -> None:
+                    event: Any = event, progress: Any = self._progress) -> None:
                 if event is not None:
                     event.synchronize()
                 output.write(z0, z1, values.numpy(), None if segmentation is None else segmentation.numpy())
+                if progress is not None:  # resume: mark the chunk rows now in the store
+                    progress.update(output.flushed)
 
             with writing(output.final, output.predictions.shape, self.dtype):
                 self._writer.submit(job)
@@ -504,7 +546,18 @@ class PredictionWriter(Callback):
         paths = None
         if trainer.is_global_zero:
             for v in range(len(self._plans)):
-                self._outputs[v] = self._new_output(pl_module, v, self._owned.rows[rank][v])
+                rows = self._owned.rows[rank][v]
+                if not self.resume:
+                    self._outputs[v] = self._new_output(pl_module, v, rows)
+                    continue
+                settings, found = self._resume_settings[v]
+                final = output_path(self.output_dir, self._plans[v].volume.path, self.format)
+                if found:  # continue the interrupted store
+                    self._outputs[v] = self._new_output(pl_module, v, rows, tmp=partial_path(final), attach=True,
+                                                        skip=self._skip(v))
+                else:
+                    self._outputs[v] = self._new_output(pl_module, v, rows, tmp=partial_path(final))
+                    start_record(final, settings)
             paths = [str(self._outputs[v].tmp) for v in range(len(self._plans))]
         if trainer.world_size > 1:
             if trainer.is_global_zero:
@@ -533,12 +586,14 @@ class PredictionWriter(Callback):
         if index in self._outputs:
             self._output = self._outputs[index]
         elif STORES[self.format].shared_writes:
-            self._output = self._new_output(pl_module, index, (a, b), tmp=self._shared[index], attach=True)
+            self._output = self._new_output(pl_module, index, (a, b), tmp=self._shared[index], attach=True,
+                                            skip=self._skip(index))
         else:
             self._output = self._new_output(pl_module, index, (a, b))  # this rank's part file
             if trainer.is_global_zero:
                 self._outputs[index] = self._output
         self._writer = BackgroundWriter()
+        self._progress = Progress(self._output.final, self._owned.units[rank][index]) if self.resume else None
         if trainer.is_global_zero and trainer.progress_bar_callback is not None:
             self._bar = tqdm(
                 total=self._share[index], desc=f"{Path(plan.volume.path).name} ({index + 1}/{len(self._plans)})",
@@ -554,11 +609,13 @@ class PredictionWriter(Callback):
                 self._writer.close()
                 # Rank 0 keeps its outputs open: the other ranks' rows, the instances and the rename come last.
                 output.finish_rows(close=output not in self._outputs.values())
+                if self._progress is not None:
+                    self._progress.update(output.flushed)
             if not output.attached and output not in self._outputs.values():
                 self._parts[self._current] = str(output.tmp)  # an HDF5 part file, for rank 0 to join
         if self._bar is not None:
             self._bar.close()
-        self._stitcher = self._output = self._writer = self._bar = None
+        self._stitcher = self._output = self._writer = self._bar = self._progress = None
         self._current = None
 
     def _complete_owned(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None = None) -> None:
@@ -580,6 +637,8 @@ class PredictionWriter(Callback):
             parts = [Path(r["parts"][v]) for r in reports if r["rank"] != 0 and v in r["parts"]]
             with writing(output.final, output.predictions.shape, self.dtype):
                 output.complete(parts)
+            if self.resume:
+                finish_record(output.final)
             self.written.append(output.final)
         self._outputs = {}
         lines = rank_report(reports, self._owned)
