@@ -386,6 +386,7 @@ class PredictionWriter(Callback):
     def _check_instances(self, plans: Sequence[Any], pl_module: pl.LightningModule) -> dict[str, Any]:
         """The model's target spec, after checking that it has one and that every volume's watershed fits in
         ``watershed.memory_limit_gb``: refused here, before any patch is predicted, rather than by the OOM killer."""
+        from ..blockwise import blockwise_plan
         from ..instances import require_instances_extra, watershed_bytes
 
         require_instances_extra("prediction.instances")
@@ -400,13 +401,15 @@ class PredictionWriter(Callback):
         for plan in plans:
             shape = plan.volume.spatial_shape
             need = watershed_bytes(shape) + 4 * channels * int(np.prod(shape))
-            if need > limit:
+            # Above the limit the watershed runs blockwise (z-blocks with context, objects merged across faces);
+            # refused only when even a block of one chunk row does not fit.
+            if need > limit and blockwise_plan(tuple(shape), channels, self.watershed,
+                                               offsets=targets.get("offsets")) is None:
                 raise ConfigurationError(
-                    f"predict volume {plan.volume.path}: the watershed of prediction.instances holds the whole volume "
-                    f"{tuple(shape)} in memory, about {need / 1024**3:.1f} GB, above prediction.watershed."
-                    f"memory_limit_gb={self.watershed.memory_limit_gb:g}; raise the limit if the machine has the "
-                    "memory, or predict without instances and segment the predictions blockwise (e.g. PlantSeg, "
-                    "elf, daisy/lsd)"
+                    f"predict volume {plan.volume.path}: the watershed of prediction.instances runs blockwise above "
+                    f"the memory limit, in z-blocks of at least 16 rows with context, and even one such block of {tuple(shape)} needs more than "
+                    f"prediction.watershed.memory_limit_gb={self.watershed.memory_limit_gb:g}; raise the limit if "
+                    "the machine has the memory, or predict without instances"
                 )
         return dict(targets)
 

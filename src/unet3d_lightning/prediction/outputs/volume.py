@@ -4,6 +4,7 @@ filled by chunk rows, and the rename to the final name once it is complete."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -153,8 +154,12 @@ class VolumeOutput:
     def _write_instances(self, spec: dict[str, Any], options: WatershedOptions) -> None:
         """Read the complete maps back and write their watershed as ``instances``: the watershed needs the whole
         volume at once, which the streamed slabs never were."""
+        from ...blockwise import fits_whole
         from ...instances import boundary_evidence, instance_dtype, watershed_instances
 
+        if not fits_whole(self.predictions.shape[1:], self.predictions.shape[0], options):
+            self._write_instances_blockwise(spec, options)
+            return
         maps = np.asarray(self.predictions.dataset[...], np.float32)
         if self.scale != 1.0:
             maps /= self.scale
@@ -168,6 +173,36 @@ class VolumeOutput:
         output.close()
         output.dataset.attrs["count"] = count
         output.dataset.attrs["method"] = f"seeded watershed of {spec['kind']}: {options}"
+
+    def _write_instances_blockwise(self, spec: dict[str, Any], options: WatershedOptions) -> None:
+        """``instances`` of a volume whose whole-volume watershed exceeds ``options.memory_limit_gb``: z-block by
+        z-block with context rows, objects crossing block faces merged (:mod:`~unet3d_lightning.blockwise`)."""
+        from ...blockwise import blockwise_instances, blockwise_plan
+        from .chunks import CHUNK_ZYX
+
+        channels, *zyx = self.predictions.shape
+        shape = tuple(int(n) for n in zyx)
+        chunks = tuple(min(n, c) for n, c in zip(shape, CHUNK_ZYX))
+        plan = blockwise_plan(shape, channels, options, chunks[0], spec.get("offsets"))
+        if plan is None:
+            raise ConfigurationError(f"prediction.watershed.memory_limit_gb={options.memory_limit_gb:g} is too low "
+                                     f"for even one block of {chunks[0]} rows of {shape}")
+        # The ids of the blocks before merging are written first: uint32 holds them for any volume below 2**32 voxels.
+        dtype = "uint32" if math.prod(shape) < 2**32 else "uint64"
+        dataset = self.file.create_dataset("instances", shape=shape, dtype=dtype, chunks=chunks)
+        predictions, scale = self.predictions.dataset, self.scale
+
+        def read_maps(z0: int, z1: int) -> np.ndarray:
+            maps = np.asarray(predictions[:, z0:z1], np.float32)
+            return maps / scale if scale != 1.0 else maps
+
+        def write(z0: int, z1: int, ids: np.ndarray) -> None:
+            dataset[z0:z1] = ids.astype(dtype)
+
+        count = blockwise_instances(read_maps, shape, spec, options, write, lambda z0, z1: dataset[z0:z1], plan)
+        dataset.attrs["count"] = count
+        dataset.attrs["method"] = (f"seeded watershed of {spec['kind']}: {options}; blockwise, blocks of {plan[0]} "
+                                   f"z-rows with {plan[1]} rows of context, objects merged across block faces")
 
     def discard(self, keep: bool = False) -> None:
         """Close and delete the temporary file (``keep``: leave it, for a resumed run); never raises, since it runs
