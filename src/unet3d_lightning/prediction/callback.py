@@ -57,7 +57,7 @@ from .paths import (
     remove_own_temporaries,
     remove_stale_temporaries,
 )
-from .distributed import OwnedRowsSampler, RowAssignment, assign_rows, gather_objects, rank_report
+from .distributed import OwnedRowsSampler, RowAssignment, assign_rows, gather_objects, peak_rss, rank_report
 from .resume import (
     Progress,
     check_settings,
@@ -626,7 +626,8 @@ class PredictionWriter(Callback):
         the other ranks —, then rank 0 joins the parts, writes instances and renames each output."""
         rank = trainer.global_rank
         report = {"rank": rank, "patches": self._patches, "values": self._values,
-                  "seconds": time.perf_counter() - self._start_rank, "parts": dict(self._parts)}
+                  "seconds": time.perf_counter() - self._start_rank, "parts": dict(self._parts),
+                  "peak_rss": peak_rss(), "sent": self._sent}
         reports, sent = gather_objects(report, trainer.world_size)
         self._sent += sent
         if not trainer.is_global_zero:

@@ -34,7 +34,8 @@ from ..data.sampling import PaddingIndex
 from .outputs.chunks import CHUNK_ZYX
 
 __all__ = [
-    "OwnedRowsSampler", "RowAssignment", "assign_rows", "chunk_rows", "gather_objects", "kept_z_ranges", "rank_report",
+    "OwnedRowsSampler", "RowAssignment", "assign_rows", "chunk_rows", "gather_objects", "kept_z_ranges", "peak_rss",
+    "rank_report",
 ]
 
 
@@ -184,20 +185,39 @@ def gather_objects(obj: Any, world_size: int) -> tuple[list[Any], int]:
 
     if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
         return [obj], 0
+    sent = len(pickle.dumps(obj)) * (world_size - 1)
+    if isinstance(obj, dict):
+        obj = {**obj, "report_bytes": sent}
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, obj)
-    return gathered, len(pickle.dumps(obj)) * (world_size - 1)
+    return gathered, sent
 
 
 def rank_report(reports: Sequence[dict[str, Any]], assignment: RowAssignment) -> list[str]:
     """The lines printed at the end of a rank-owned prediction: ``rank R: P patches, V output voxels written``
     (V counts every channel's value), the time, then the redundant patches."""
-    lines = [
-        f"rank {r['rank']}: {r['patches']} patches, {r['values']} output voxels written in {r['seconds']:.1f} s"
-        for r in sorted(reports, key=lambda r: r["rank"])
-    ]
+    lines = []
+    for r in sorted(reports, key=lambda r: r["rank"]):
+        line = f"rank {r['rank']}: {r['patches']} patches, {r['values']} output voxels written in {r['seconds']:.1f} s"
+        if r.get("peak_rss"):
+            line += f", peak RSS {r['peak_rss'] / 2**20:.0f} MiB"
+        # What this rank passed to torch.distributed collectives (the start's broadcast, this report's gathering).
+        line += f", {r.get('sent', 0) + r.get('report_bytes', 0)} bytes sent to other ranks"
+        lines.append(line)
     total = sum(len(items) for items in assignment.items)
     share = assignment.redundant / assignment.unique if assignment.unique else 0.0
     lines.append(f"predicted {total} patches for {assignment.unique} distinct ones: {assignment.redundant} redundant "
                  f"({share:.1%}) across {assignment.world_size} rank(s)")
     return lines
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (``getrusage``; 0 where it is not available)."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) * (1 if sys.platform == "darwin" else 1024)
+    except (ImportError, OSError, ValueError):
+        return 0
