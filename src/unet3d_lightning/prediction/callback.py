@@ -97,10 +97,10 @@ class PredictionWriter(Callback):
             store ``<stem>_predictions.zarr`` (needs the ``formats`` extra). Default ``"hdf5"``.
         instances: also write ``instances``, a ``(D, H, W)`` uint32/uint64 instance segmentation from a seeded
             watershed of the stitched maps; only for models trained with ``data.label_transform`` boundaries or
-            affinities. MEMORY: unlike the rest of prediction, which streams, the watershed holds the WHOLE volume:
-            about 80 bytes per voxel plus 4 per voxel and output channel (a 1024^3 volume needs about 90 GB).
-            Volumes above ``watershed.memory_limit_gb`` are refused before prediction starts; segment such volumes
-            blockwise from the written ``predictions`` (e.g. PlantSeg, elf, daisy/lsd). Default False.
+            affinities. MEMORY: the whole-volume watershed needs about 80 bytes per voxel plus 4 per voxel and output
+            channel (a 1024^3 volume needs about 90 GB); volumes above ``watershed.memory_limit_gb`` are segmented
+            blockwise within the limit (:mod:`~unet3d_lightning.blockwise`: z-blocks with context, merged across
+            faces). Default False.
         watershed: settings of that watershed (threshold, seed smoothing and spacing, minimum size, memory limit);
             see :class:`~unet3d_lightning.instances.WatershedOptions`. Default ``WatershedOptions()``.
         resume: continue the outputs an interrupted run left (Zarr only): each output is written into
@@ -217,9 +217,11 @@ class PredictionWriter(Callback):
         of each (:mod:`~.distributed`); its ``predict_dataloader`` returns them as the rank's sampler. The
         DataModule has built its predict dataset already (Lightning runs its setup before the callbacks')."""
         self._assignment = None
+        datamodule = getattr(trainer, "datamodule", None)
+        if getattr(datamodule, "predict_assignment", None) is not None:
+            datamodule.predict_assignment = None  # an earlier run's: this run decides afresh
         if trainer.world_size <= 1 and not self.resume:
             return
-        datamodule = getattr(trainer, "datamodule", None)
         plans = self._datamodule_plans(trainer)
         if plans is None:
             if self.resume:
