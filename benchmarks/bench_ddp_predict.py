@@ -106,7 +106,8 @@ def model(patch: int, stride: int, channels: int, size: int, ranks: int, patch_s
         f"  wall at {patch_seconds * 1e3:.0f} ms per patch: {most * patch_seconds / 3600:.1f} h (one rank alone: "
         f"{distinct * patch_seconds / 3600:.0f} h)",
         f"  per-rank memory, independent of the rank count: stitcher band (C+1) x patch_z x H x W x 4 = "
-        f"{band / 2**30:.0f} GiB on the device, writer chunk row C x 16 x H x W x 4 = {row / 2**30:.1f} GiB on the host",
+        f"{band / 2**30:.0f} GiB on the device, writer chunk row C x 16 x H x W x 4 = {row / 2**30:.1f} GiB on the "
+        "host",
     ]
 
 
@@ -160,8 +161,8 @@ def main() -> None:
             total, distinct, extra = (int(g) for g in redundant.groups())
             print(f"  redundant patches: {extra} of {distinct} distinct ({extra / distinct:.1%})")
         d, h, w = args.shape
-        print(f"  the earlier band all-reduce would send ~{2 * (world - 1) / world * d * h * w * (channels + 1) * 4:,.0f}"
-              " bytes per rank")
+        allreduce = 2 * (world - 1) / world * d * h * w * (channels + 1) * 4
+        print(f"  the earlier band all-reduce would send ~{allreduce:,.0f} bytes per rank")
     if per_patch:
         print(f"\nmeasured: {per_patch * 1e3:.1f} ms per {tuple(args.patch)} patch on one CPU thread (whole loop: "
               "read, network, stitch, write)")

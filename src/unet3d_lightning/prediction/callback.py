@@ -157,7 +157,7 @@ class PredictionWriter(Callback):
         self.instances = instances
         self.watershed = WatershedOptions(**watershed) if isinstance(watershed, dict) else watershed
         self.resume = bool(resume)
-        if self.resume and format != "zarr":
+        if self.resume and not getattr(STORES[format], "shared_writes", False):
             raise ConfigurationError(
                 f"prediction.resume needs prediction.format zarr (an HDF5 output has one writer and no record of its "
                 f"finished rows); got prediction.format {format}"
@@ -222,6 +222,9 @@ class PredictionWriter(Callback):
             datamodule.predict_assignment = None  # an earlier run's: this run decides afresh
         if trainer.world_size <= 1 and not self.resume:
             return
+        store = STORES[self.format]
+        if not (getattr(store, "shared_writes", False) or hasattr(store, "join")):
+            return  # a store that neither takes several writers nor joins part files: the ranks reduce bands
         plans = self._datamodule_plans(trainer)
         if plans is None:
             if self.resume:
@@ -409,7 +412,8 @@ class PredictionWriter(Callback):
                                                offsets=targets.get("offsets")) is None:
                 raise ConfigurationError(
                     f"predict volume {plan.volume.path}: the watershed of prediction.instances runs blockwise above "
-                    f"the memory limit, in z-blocks of at least 16 rows with context, and even one such block of {tuple(shape)} needs more than "
+                    f"the memory limit, in z-blocks of at least 16 rows with context, and even one such block of "
+                    f"{tuple(shape)} needs more than "
                     f"prediction.watershed.memory_limit_gb={self.watershed.memory_limit_gb:g}; raise the limit if "
                     "the machine has the memory, or predict without instances"
                 )
@@ -545,7 +549,7 @@ class PredictionWriter(Callback):
         ranks where (the broadcast is the one synchronisation before the ranks write). HDF5: nothing to share, each
         rank writes a part file of its own."""
         self._start_rank = time.perf_counter()
-        if not STORES[self.format].shared_writes:
+        if not getattr(STORES[self.format], "shared_writes", False):
             return
         rank = trainer.global_rank
         paths = None
@@ -590,7 +594,7 @@ class PredictionWriter(Callback):
         self._needed = set(self._stitcher.needed_z_starts())
         if index in self._outputs:
             self._output = self._outputs[index]
-        elif STORES[self.format].shared_writes:
+        elif getattr(STORES[self.format], "shared_writes", False):
             self._output = self._new_output(pl_module, index, (a, b), tmp=self._shared[index], attach=True,
                                             skip=self._skip(index))
         else:

@@ -103,7 +103,8 @@ def run_settings(plan: Any, normalization: str, writer: Any, model_digest: str, 
 # What a differing setting is called in the error message.
 _NAMES = {
     "model": "model weights (checkpoint, SHA-256 of the state dict)", "out_channels": "model.out_channels",
-    "volume": "volume path", "shape": "volume shape", "patch": "data.predict_patch_shape", "padded": "data.predict_patch_shape",
+    "volume": "volume path", "shape": "volume shape", "patch": "data.predict_patch_shape",
+    "padded": "data.predict_patch_shape",
     "starts": "patch grid (data.predict_patch_shape / data.predict_stride_shape)",
     "normalization": "data.normalization", "blend": "prediction.blend", "halo": "prediction.halo",
     "dtype": "prediction.dtype", "compression": "prediction.compression",

@@ -74,7 +74,8 @@ class VolumeOutput:
                 remove_path(self.tmp)  # left by a killed run of a process with our pid
                 self.file = store(self.tmp, compression)
         except BaseException:
-            self._remove_tmp()  # it may exist before the failure (HDF5 creates the file, then fails on a full disk)
+            if not attach:  # a store another process made (or a resumed one) is not this process's to remove
+                self._remove_tmp()  # it may exist before the failure (HDF5 creates the file, then fails on a full disk)
             raise
         try:
             d, h, w = (int(n) for n in shape)
@@ -92,7 +93,7 @@ class VolumeOutput:
                 self.segmentation = ChunkRowDataset(self.file, "segmentation", (channels, d, h, w), "uint8", pool,
                                                     **own)
         except BaseException:
-            self.discard()
+            self.discard(keep=attach)
             raise
 
     def write(self, z0: int, z1: int, probabilities: np.ndarray, segmentation: np.ndarray | None) -> None:
