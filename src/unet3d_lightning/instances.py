@@ -62,8 +62,10 @@ class WatershedOptions:
             values give fewer seeds (less over-segmentation); >= 0, 0 for none. Default 2.0.
         min_distance: smallest distance in voxels between two seeds; >= 1. Default 5.
         min_size: instances smaller than this many voxels are merged into a neighbour (or dropped); >= 0. Default 0.
-        memory_limit_gb: refuse (at the start, with an error) volumes whose watershed would need more memory than
-            this, about ``WATERSHED_BYTES_PER_VOXEL`` = 80 bytes per voxel; > 0. Default 16.
+        memory_limit_gb: memory the watershed may use, about ``WATERSHED_BYTES_PER_VOXEL`` = 80 bytes per voxel
+            plus 4 per voxel and channel; a volume above it is segmented blockwise within it
+            (:mod:`~unet3d_lightning.blockwise`), one too wide for even a 16-row block is refused at the start; > 0.
+            Default 16.
 
     Raises:
         ConfigurationError: a setting outside its range, named ``prediction.watershed.<key>``.

@@ -703,6 +703,13 @@ class VolumeDataModule(pl.LightningDataModule):
         return self._ordered("test")
 
     def predict_dataloader(self) -> DataLoader:
+        # Rank-owned output rows (DDP, or a resumed prediction): the PredictionWriter computed in its setup which
+        # patches each rank predicts (prediction.distributed) and left the assignment here.
+        assignment = getattr(self, "predict_assignment", None)
+        if assignment is not None:
+            from ..prediction.distributed import OwnedRowsSampler
+
+            return self._loader("predict", OwnedRowsSampler(assignment, self._rank_world()[0]))
         return self._ordered("predict")
 
     def teardown(self, stage: str) -> None:

@@ -14,9 +14,12 @@ they are stored, :mod:`~unet3d_lightning.prediction.paths` where and what may be
 
 Patches arrive from the predict dataloader in z-major order, volume after volume. Slabs leave the device through
 asynchronous copies to pinned memory; a background thread gathers them into whole rows of chunks, which a small thread
-pool compresses in parallel. Under DDP each rank stitches its own share of the patches and the ranks sum every band
-(``trainer.strategy.reduce``) before it is normalised; rank 0 writes. The result equals the single-device file up to
-float32 summation order.
+pool compresses in parallel. Under DDP (with the DataModule's predict data) each rank owns a contiguous, chunk-aligned
+range of output rows (:mod:`~unet3d_lightning.prediction.distributed`), predicts the patches meeting them, stitches
+and writes them itself: into the one Zarr store, or into a part file that rank 0 joins (HDF5, one writer per file);
+after one gathering at the end rank 0 renames the outputs and prints one line per rank. With another predict dataset
+the ranks sum every band instead (``trainer.strategy.reduce``) and rank 0 writes. Either way the result equals the
+single-device file up to float32 summation order.
 
 The predict dataloader's dataset must expose ``plans``: one entry per volume with ``volume.path``,
 ``volume.spatial_shape`` and ``grid`` (patch slices in z-major order, padded coordinates), as
@@ -54,6 +57,18 @@ from .paths import (
     remove_created_dirs,
     remove_own_temporaries,
     remove_stale_temporaries,
+)
+from .distributed import OwnedRowsSampler, RowAssignment, assign_rows, gather_objects, peak_rss, rank_report
+from .resume import (
+    Progress,
+    check_settings,
+    finish_record,
+    finished_rows,
+    partial_path,
+    remove_partials,
+    run_settings,
+    start_record,
+    state_dict_digest,
 )
 from .stitcher import StreamingStitcher
 
@@ -95,10 +110,10 @@ class PredictionWriter(Callback):
             the ``formats`` extra. Default ``"hdf5"``.
         instances: also write ``instances``, a ``(D, H, W)`` uint32/uint64 instance segmentation from a seeded
             watershed of the stitched maps; only for models trained with ``data.label_transform`` boundaries or
-            affinities. MEMORY: unlike the rest of prediction, which streams, the watershed holds the WHOLE volume:
-            about 80 bytes per voxel plus 4 per voxel and output channel (a 1024^3 volume needs about 90 GB).
-            Volumes above ``watershed.memory_limit_gb`` are refused before prediction starts; segment such volumes
-            blockwise from the written ``predictions`` (e.g. PlantSeg, elf, daisy/lsd). Default False.
+            affinities. MEMORY: the whole-volume watershed needs about 80 bytes per voxel plus 4 per voxel and output
+            channel (a 1024^3 volume needs about 90 GB); volumes above ``watershed.memory_limit_gb`` are segmented
+            blockwise within the limit (:mod:`~unet3d_lightning.blockwise`: z-blocks with context, merged across
+            faces). Default False.
         watershed: settings of that watershed (threshold, seed smoothing and spacing, minimum size, memory limit);
             see :class:`~unet3d_lightning.instances.WatershedOptions`. Default ``WatershedOptions()``.
         rescale: predict each volume resampled to the model's voxel size (the one its checkpoint records) and
@@ -109,6 +124,10 @@ class PredictionWriter(Callback):
         preview: also write ``<stem>_preview.png`` beside each output: the three central planes of the raw with the
             segmentation (or the foreground probability) overlaid, at the physical aspect ratio
             (:mod:`~unet3d_lightning.prediction.preview`; needs Pillow, in the ``formats`` extra). Default False.
+        resume: continue the outputs an interrupted run left (Zarr only): each output is written into
+            ``.<name>.partial`` with a record of its finished chunk rows and of the settings that change the
+            result; a run with ``resume`` predicts only the patches of the unfinished rows and refuses a record whose
+            settings differ. Without it (default False) a run starts afresh and removes such leftovers.
 
     Example::
 
@@ -131,6 +150,7 @@ class PredictionWriter(Callback):
         watershed: WatershedOptions = WatershedOptions(),
         rescale: bool = False,
         preview: bool = False,
+        resume: bool = False,
     ) -> None:
         if blend not in ("average", "gaussian"):
             raise ConfigurationError(f"prediction.blend {blend!r} is not one of average, gaussian")
@@ -166,6 +186,13 @@ class PredictionWriter(Callback):
         self.watershed = WatershedOptions(**watershed) if isinstance(watershed, dict) else watershed
         self.rescale = rescale
         self.preview = preview
+        self.resume = bool(resume)
+        if self.resume and not getattr(STORES[format], "shared_writes", False):
+            raise ConfigurationError(
+                f"prediction.resume needs prediction.format zarr (an HDF5 output has one writer and no record of its "
+                f"finished rows); got prediction.format {format}"
+            )
+        self._assignment: RowAssignment | None = None
         self.written: list[Path] = []
         self.previews: list[Path] = []  # the preview PNGs of prediction.preview, beside the written outputs
         self._created: list[Path] = []  # directories this run created, removed again if it fails
@@ -184,6 +211,16 @@ class PredictionWriter(Callback):
         self._pool: ThreadPoolExecutor | None = None
         self._targets: dict[str, Any] | None = None
         self._back: BackResampler | None = None  # with rescale: the model's grid back to the volume's
+        self._owned: RowAssignment | None = None  # rank-owned rows (DDP, resume) instead of band reductions
+        self._outputs: dict[int, VolumeOutput] = {}  # rank 0, owned mode: every volume's output until the end
+        self._shared: list[Path] = []  # owned mode, Zarr: the temporary store of each volume, rank 0's
+        self._needed: set[int] = set()
+        self._progress: Progress | None = None
+        self._parts: dict[int, str] = {}  # owned mode, HDF5, ranks > 0: this rank's part file of each volume
+        self._start_rank = time.perf_counter()
+        self._patches = 0
+        self._values = 0
+        self._sent = 0
 
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -198,6 +235,68 @@ class PredictionWriter(Callback):
             if notes and sys.stderr is not None:
                 with contextlib.suppress(OSError, ValueError):  # a closed stderr: the removals stand without notes
                     print("\n".join(f"note: {note}" for note in notes), file=sys.stderr, flush=True)
+        if stage == "predict":
+            if trainer.is_global_zero and not self.resume:
+                plans = self._datamodule_plans(trainer) or []
+                notes = remove_partials(self.output_dir, [plan.volume.path for plan in plans], self.format)
+                if notes and sys.stderr is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        print("\n".join(f"note: {note}" for note in notes), file=sys.stderr, flush=True)
+            self._plan_regions(trainer)
+
+    @staticmethod
+    def _datamodule_plans(trainer: pl.Trainer) -> list[Any] | None:
+        datamodule = getattr(trainer, "datamodule", None)
+        return getattr(getattr(datamodule, "datasets", {}).get("predict"), "plans", None)
+
+    def _plan_regions(self, trainer: pl.Trainer) -> None:
+        """Under DDP (or with ``resume``) split the output rows over the ranks and hand the DataModule the patches
+        of each (:mod:`~.distributed`); its ``predict_dataloader`` returns them as the rank's sampler. The
+        DataModule has built its predict dataset already (Lightning runs its setup before the callbacks')."""
+        self._assignment = None
+        datamodule = getattr(trainer, "datamodule", None)
+        if getattr(datamodule, "predict_assignment", None) is not None:
+            datamodule.predict_assignment = None  # an earlier run's: this run decides afresh
+        if trainer.world_size <= 1 and not self.resume:
+            return
+        if self.rescale or self.preview:
+            if self.resume:
+                raise ConfigurationError(
+                    "prediction.resume does not combine with prediction.rescale or prediction.preview yet; drop one "
+                    "of them (a resumed output can be previewed by a second run over it)"
+                )
+            return  # resampled rows and the preview's central planes need the whole volume: the ranks reduce bands
+        store = STORES[self.format]
+        if not (getattr(store, "shared_writes", False) or hasattr(store, "join")):
+            return  # a store that neither takes several writers nor joins part files: the ranks reduce bands
+        plans = self._datamodule_plans(trainer)
+        if plans is None:
+            if self.resume:
+                raise ConfigurationError("prediction.resume needs the predict data of VolumeDataModule (data.*)")
+            return  # another DataModule: the ranks reduce bands instead
+        finished = self._resume_finished(trainer, plans) if self.resume else None
+        self._assignment = assign_rows(plans, trainer.world_size, self.halo[0], finished=finished)
+        datamodule.predict_assignment = self._assignment
+
+    def _resume_finished(self, trainer: pl.Trainer, plans: Sequence[Any]) -> list[set[tuple[int, int]]]:
+        """``prediction.resume``, at setup on every rank: each volume's settings checked against the record of its
+        interrupted output (:mod:`~.resume`; a mismatch raises), and the chunk rows it finished."""
+        module = trainer.lightning_module
+        digest = state_dict_digest(module)
+        normalization = getattr(trainer.datamodule.datasets["predict"], "normalization", None)
+        self._resume_settings = []
+        finished = []
+        for plan in plans:
+            final = output_path(self.output_dir, plan.volume.path, self.format)
+            settings = run_settings(plan, normalization, self, digest, int(module.hparams.out_channels))
+            found = check_settings(final, settings)
+            self._resume_settings.append((settings, found))
+            finished.append(finished_rows(final) if found else set())
+        return finished
+
+    def _skip(self, index: int) -> frozenset[int]:
+        """The first rows of the chunk rows of volume ``index`` an interrupted run finished (resume)."""
+        return frozenset(z0 for z0, _ in self._owned.finished[index]) if self._owned.finished else frozenset()
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
@@ -229,6 +328,15 @@ class PredictionWriter(Callback):
             n = len(plan.grid)
             self._share.append(len(range((rank - offset) % world, n, world)))
             offset += n
+        # Lightning wraps the predict batch sampler (to track indices); the sampler stays inside.
+        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
+        if isinstance(sampler, OwnedRowsSampler) and self._assignment is not None and \
+                sampler.assignment is self._assignment:
+            self._owned = self._assignment
+            self._share = [self._owned.patches_of(rank, v, self._plans) for v in range(len(self._plans))]
+            self._open_shared(trainer, pl_module)
+        elif self.resume:
+            raise ConfigurationError("prediction.resume needs the predict loader of VolumeDataModule")
 
     def on_predict_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -253,14 +361,25 @@ class PredictionWriter(Callback):
             while j < len(volumes) and volumes[j] == v:
                 j += 1
             self._advance_to(trainer, pl_module, v)
-            self._write_slabs(self._stitcher.add(probabilities[i:j], starts[i:j]))
+            part, where_part = probabilities[i:j], starts[i:j]
+            if self._owned is not None:
+                # Only the patches meeting this rank's rows (the sampler sends no others).
+                keep = [k for k, z in enumerate(where_part[:, 0].tolist()) if z in self._needed]
+                if len(keep) < j - i:
+                    index = torch.as_tensor(keep, dtype=torch.int64)
+                    part, where_part = part[index.to(part.device)], where_part[index]
+            if len(where_part):
+                self._patches += len(where_part)
+                self._write_slabs(self._stitcher.add(part, where_part))
             if self._bar is not None:
-                self._bar.update(j - i)
+                self._bar.update(len(where_part))
             i = j
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Volumes this rank received no patch of still take part in the band reductions of the other ranks.
         self._advance_to(trainer, pl_module, len(self._plans))
+        if self._owned is not None:
+            self._complete_owned(trainer)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.predict_tta = False
@@ -279,9 +398,11 @@ class PredictionWriter(Callback):
                 self._writer.close()
             except BaseException:  # noqa: BLE001 - the original exception is the one to report
                 pass
-        if self._output is not None:
-            self._output.discard()
-        if trainer.is_global_zero:
+        if self._output is not None and self._output not in self._outputs.values():
+            self._output.discard(keep=self.resume)
+        for output in self._outputs.values():
+            output.discard(keep=self.resume)
+        if (trainer.is_global_zero or self._owned is not None) and not self.resume:
             remove_own_temporaries(self.output_dir, [plan.volume.path for plan in self._plans], self.format)
         if self._bar is not None:
             self._bar.close()
@@ -338,6 +459,7 @@ class PredictionWriter(Callback):
     def _check_instances(self, plans: Sequence[Any], pl_module: pl.LightningModule) -> dict[str, Any]:
         """The model's target spec, after checking that it has one and that every volume's watershed fits in
         ``watershed.memory_limit_gb``: refused here, before any patch is predicted, rather than by the OOM killer."""
+        from ..blockwise import blockwise_plan
         from ..instances import require_instances_extra, watershed_bytes
 
         require_instances_extra("prediction.instances")
@@ -352,13 +474,16 @@ class PredictionWriter(Callback):
         for plan in plans:
             shape = plan.volume.spatial_shape
             need = watershed_bytes(shape) + 4 * channels * int(np.prod(shape))
-            if need > limit:
+            # Above the limit the watershed runs blockwise (z-blocks with context, objects merged across faces);
+            # refused only when even a block of one chunk row does not fit.
+            if need > limit and blockwise_plan(tuple(shape), channels, self.watershed,
+                                               offsets=targets.get("offsets")) is None:
                 raise ConfigurationError(
-                    f"predict volume {plan.volume.path}: the watershed of prediction.instances holds the whole volume "
-                    f"{tuple(shape)} in memory, about {need / 1024**3:.1f} GB, above prediction.watershed."
-                    f"memory_limit_gb={self.watershed.memory_limit_gb:g}; raise the limit if the machine has the "
-                    "memory, or predict without instances and segment the predictions blockwise (e.g. PlantSeg, "
-                    "elf, daisy/lsd)"
+                    f"predict volume {plan.volume.path}: the watershed of prediction.instances runs blockwise above "
+                    f"the memory limit, in z-blocks of at least 16 rows with context, and even one such block of "
+                    f"{tuple(shape)} needs more than "
+                    f"prediction.watershed.memory_limit_gb={self.watershed.memory_limit_gb:g}; raise the limit if "
+                    "the machine has the memory, or predict without instances"
                 )
         return dict(targets)
 
@@ -384,6 +509,9 @@ class PredictionWriter(Callback):
     def _open_volume(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
         plan = self._plans[index]
         channels = int(pl_module.hparams.out_channels)
+        if self._owned is not None:
+            self._open_owned(trainer, pl_module, index)
+            return
         reduce = None
         if trainer.world_size > 1:
             def reduce(band: torch.Tensor) -> torch.Tensor:
@@ -426,6 +554,7 @@ class PredictionWriter(Callback):
         output = self._output
         for z0, z1, slab in slabs:
             self._voxels += slab[0].numel()
+            self._values += slab.numel()
             segmentation = None
             if slab.device.type == "cuda":
                 # The segmentation is cheaper on the device, and the copies to pinned memory run asynchronously:
@@ -440,10 +569,12 @@ class PredictionWriter(Callback):
                 values, event = slab.cpu(), None
 
             def job(z0: int = z0, z1: int = z1, values: torch.Tensor = values, segmentation: Any = segmentation,
-                    event: Any = event) -> None:
+                    event: Any = event, progress: Any = self._progress) -> None:
                 if event is not None:
                     event.synchronize()
                 output.write(z0, z1, values.numpy(), None if segmentation is None else segmentation.numpy())
+                if progress is not None:  # resume: mark the chunk rows now in the store
+                    progress.update(output.flushed)
 
             with writing(output.final, output.predictions.shape, self.dtype):
                 self._writer.submit(job)
@@ -454,6 +585,9 @@ class PredictionWriter(Callback):
         return (slab > 0.5).to(torch.uint8)
 
     def _finish_volume(self) -> None:
+        if self._owned is not None:
+            self._finish_owned()
+            return
         self._write_slabs(self._stitcher.finish())
         if self._output is not None:
             with writing(self._output.final, self._output.predictions.shape, self.dtype):
@@ -509,6 +643,133 @@ def _write_preview(volume: Any, output: VolumeOutput) -> Path:
     voxel_size = _physical(volume)["voxel_size"]
     image = compose(raw_planes(volume), output.preview_planes, output.preview_kind, voxel_size)
     return write_preview(side_path(output.final, output.format, "preview"), image)
+    # ------------------------------------------------------------------------------------------------ owned rows
+    def _new_output(self, pl_module: pl.LightningModule, index: int, rows: tuple[int, int], tmp: Path | None = None,
+                    attach: bool = False, skip: frozenset[int] = frozenset()) -> VolumeOutput:
+        plan = self._plans[index]
+        channels = int(pl_module.hparams.out_channels)
+        segmentation = None
+        if self.save_segmentation:
+            segmentation = "argmax" if getattr(pl_module, "activation", "softmax") == "softmax" else "threshold"
+        if self._pool is None and compresses_in_threads(self.format, self.compression):
+            self._pool = compression_pool()
+        final = output_path(self.output_dir, plan.volume.path, self.format)
+        with writing(final, (channels, *plan.volume.spatial_shape), self.dtype):
+            return VolumeOutput(
+                final, plan.volume.spatial_shape, channels, self.dtype, segmentation, self.compression, self._pool,
+                self.format, instances=(self._targets, self.watershed) if self._targets else None,
+                volume=plan.volume, **_physical(plan.volume), rows=rows, tmp=tmp, attach=attach, skip=skip,
+            )
+
+    def _open_shared(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Owned mode, at the start: rank 0 creates every volume's Zarr store (its metadata) and tells the other
+        ranks where (the broadcast is the one synchronisation before the ranks write). HDF5: nothing to share, each
+        rank writes a part file of its own."""
+        self._start_rank = time.perf_counter()
+        if not getattr(STORES[self.format], "shared_writes", False):
+            return
+        rank = trainer.global_rank
+        paths = None
+        if trainer.is_global_zero:
+            for v in range(len(self._plans)):
+                rows = self._owned.rows[rank][v]
+                if not self.resume:
+                    self._outputs[v] = self._new_output(pl_module, v, rows)
+                    continue
+                settings, found = self._resume_settings[v]
+                final = output_path(self.output_dir, self._plans[v].volume.path, self.format)
+                if found:  # continue the interrupted store
+                    self._outputs[v] = self._new_output(pl_module, v, rows, tmp=partial_path(final), attach=True,
+                                                        skip=self._skip(v))
+                else:
+                    self._outputs[v] = self._new_output(pl_module, v, rows, tmp=partial_path(final))
+                    start_record(final, settings)
+            paths = [str(self._outputs[v].tmp) for v in range(len(self._plans))]
+        if trainer.world_size > 1:
+            if trainer.is_global_zero:
+                import pickle
+
+                self._sent += len(pickle.dumps(paths)) * (trainer.world_size - 1)
+            paths = trainer.strategy.broadcast(paths, src=0)
+        self._shared = [Path(p) for p in paths]
+
+    def _open_owned(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
+        """Owned mode: a stitcher of this rank's rows of volume ``index`` and the output they go to (none if the
+        rank owns no rows of it)."""
+        rank = trainer.global_rank
+        plan = self._plans[index]
+        self._current, self._next = index, index + 1
+        self._activation = getattr(pl_module, "activation", "softmax")
+        a, b = self._owned.rows[rank][index]
+        self._stitcher, self._needed = None, set()
+        if a == b:
+            return
+        self._stitcher = StreamingStitcher(
+            plan.volume.spatial_shape, plan.grid, int(pl_module.hparams.out_channels), blend=self.blend,
+            halo=self.halo, device=pl_module.device, rows=(a, b),
+        )
+        self._needed = set(self._stitcher.needed_z_starts())
+        if index in self._outputs:
+            self._output = self._outputs[index]
+        elif getattr(STORES[self.format], "shared_writes", False):
+            self._output = self._new_output(pl_module, index, (a, b), tmp=self._shared[index], attach=True,
+                                            skip=self._skip(index))
+        else:
+            self._output = self._new_output(pl_module, index, (a, b))  # this rank's part file
+            if trainer.is_global_zero:
+                self._outputs[index] = self._output
+        self._writer = BackgroundWriter()
+        self._progress = Progress(self._output.final, self._owned.units[rank][index]) if self.resume else None
+        if trainer.is_global_zero and trainer.progress_bar_callback is not None:
+            self._bar = tqdm(
+                total=self._share[index], desc=f"{Path(plan.volume.path).name} ({index + 1}/{len(self._plans)})",
+                unit="patch", leave=True, dynamic_ncols=True,
+            )
+
+    def _finish_owned(self) -> None:
+        if self._stitcher is not None:
+            self._write_slabs(self._stitcher.finish())
+        output = self._output
+        if output is not None:
+            with writing(output.final, output.predictions.shape, self.dtype):
+                self._writer.close()
+                # Rank 0 keeps its outputs open: the other ranks' rows, the instances and the rename come last.
+                output.finish_rows(close=output not in self._outputs.values())
+                if self._progress is not None:
+                    self._progress.update(output.flushed)
+            if not output.attached and output not in self._outputs.values():
+                self._parts[self._current] = str(output.tmp)  # an HDF5 part file, for rank 0 to join
+        if self._bar is not None:
+            self._bar.close()
+        self._stitcher = self._output = self._writer = self._bar = self._progress = None
+        self._current = None
+
+    def _complete_owned(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None = None) -> None:
+        """Owned mode, at the end: one gathering of every rank's report (and HDF5 part files) — the only wait for
+        the other ranks —, then rank 0 joins the parts, writes instances and renames each output."""
+        rank = trainer.global_rank
+        report = {"rank": rank, "patches": self._patches, "values": self._values,
+                  "seconds": time.perf_counter() - self._start_rank, "parts": dict(self._parts),
+                  "peak_rss": peak_rss(), "sent": self._sent}
+        reports, sent = gather_objects(report, trainer.world_size)
+        self._sent += sent
+        if not trainer.is_global_zero:
+            self._parts = {}
+            return
+        for v in range(len(self._plans)):
+            output = self._outputs.get(v)
+            if output is None:  # HDF5, a volume rank 0 owns no rows of: an empty file the parts are joined into
+                output = self._outputs[v] = self._new_output(trainer.lightning_module, v, (0, 0))
+                output.finish_rows(close=False)
+            parts = [Path(r["parts"][v]) for r in reports if r["rank"] != 0 and v in r["parts"]]
+            with writing(output.final, output.predictions.shape, self.dtype):
+                output.complete(parts)
+            if self.resume:
+                finish_record(output.final)
+            self.written.append(output.final)
+        self._outputs = {}
+        lines = rank_report(reports, self._owned)
+        print("\n".join(lines), flush=True)
 
 
 def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:

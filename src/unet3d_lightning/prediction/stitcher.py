@@ -56,6 +56,15 @@ hence the number, order, z-ranges and shapes of the ``reduce`` calls, depend onl
 volume shape — never on which patches the rank received — so the collectives line up on every rank, including a rank
 that received no patch at all (it reduces zeros). The division happens after the reduction, so the result is the
 exact single-process result up to float32 summation order.
+
+Rank-owned rows
+---------------
+With ``rows=(a, b)`` the stitcher produces only output rows ``[a, b)`` and expects only the patches whose kept z-range
+(after halo cropping) meets them: the z-starts ``z_j0 .. z_j1``, ``j0`` the first whose kept range ends after ``a``,
+``j1`` the last whose kept range starts before ``b``. A row ``r`` in ``[a, b)`` receives contributions only from
+patches whose kept range holds ``r``, all among those z-starts, so its value is the single-process value; rows of
+the first band below ``a`` (incomplete: their earlier patches are elsewhere) are never returned. This is how each DDP
+rank stitches the contiguous rows it owns (:mod:`~unet3d_lightning.prediction.distributed`) with no communication.
 """
 
 from __future__ import annotations
@@ -142,6 +151,10 @@ class StreamingStitcher:
             ``sum_i w_i p_i`` and ``[:, C]`` the weight sums ``sum_i w_i`` of output rows ``[z_start, z_start +
             dz)``. It must return a tensor of the same shape holding the sum over ranks (an in-place
             ``all_reduce`` that returns its argument is fine). The tensor is a view of the accumulation buffer.
+        rows: default ``None`` (every row). ``(a, b)`` with ``0 <= a < b <= D``: return only output rows
+            ``[a, b)`` and expect exactly the patches whose kept z-range meets them (see "Rank-owned rows" in the
+            module notes; :meth:`needed_z_starts` lists their z-starts); :meth:`finish` raises if one is missing.
+            Excludes ``reduce``.
 
     DDP contract:
         The sequence of ``reduce`` calls (how many, which z-ranges, which shapes, in which order) depends only on
@@ -178,6 +191,7 @@ class StreamingStitcher:
         halo: int | Sequence[int] = 0,
         device: torch.device | str | None = None,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> None:
         self.volume_shape = _positive_triple(volume_shape, "volume_shape")
         if int(channels) != channels or channels < 1:
@@ -251,7 +265,22 @@ class StreamingStitcher:
         # Rows alive while z-start k is current: [lo(z_k), hi(z_k)); the buffer is as deep as the deepest of these.
         self._depth = max(hi - lo for lo, hi, _, _ in self._crops[0].values())
 
-        self._band = 0  # index of the current z-start; buffer row 0 is padded row self._bounds[self._band]
+        # Rows returned, and the z-start indices whose patches are expected (all of them without `rows`).
+        self._first, self._last = 0, len(z_starts) - 1
+        self._rows = (0, self.volume_shape[0])
+        if rows is not None:
+            a, b = (int(r) for r in rows)
+            if not 0 <= a < b <= self.volume_shape[0]:
+                raise ValueError(f"rows {tuple(rows)} must satisfy 0 <= start < stop <= D = {self.volume_shape[0]}.")
+            if reduce is not None:
+                raise ValueError("rows and reduce exclude each other: a rank owning rows needs no reduction.")
+            kept = [self._crops[0][start][:2] for start in z_starts]
+            self._first = next(k for k, (_, hi) in enumerate(kept) if hi > a)
+            self._last = max(k for k, (lo, _) in enumerate(kept) if lo < b)
+            self._rows = (a, b)
+        self._expected = (self._last - self._first + 1) * (self.grid_size // len(z_starts))
+
+        self._band = self._first  # index of the current z-start; buffer row 0 is padded row self._bounds[self._band]
         self._buffer: Tensor | None = None
         self._filled = 0  # buffer rows [0, _filled) may hold non-zero values; rows beyond are zero
         self._staging: Tensor | None = None
@@ -260,6 +289,12 @@ class StreamingStitcher:
         self._count = 0
         self._max_band_depth = 0
         self._finished = False
+
+    def needed_z_starts(self) -> list[int]:
+        """The z-starts (padded coordinates) whose patches this stitcher takes: all of them, or with ``rows`` those
+        whose kept z-range meets the rows."""
+        starts = sorted(self._z_index)
+        return starts[self._first : self._last + 1]
 
     @property
     def max_band_depth(self) -> int:
@@ -316,15 +351,15 @@ class StreamingStitcher:
         """
         if self._finished:
             raise RuntimeError("finish() was already called on this StreamingStitcher.")
-        if self.reduce is None and self._count != self.grid_size:
+        if self.reduce is None and self._count != self._expected:
             raise RuntimeError(
-                f"Only {self._count} of the grid's {self.grid_size} patches were added; without `reduce` every patch "
+                f"Only {self._count} of the grid's {self._expected} patches were added; without `reduce` every patch "
                 "must be added before finish()."
             )
         if self.device is None:
             self.device = torch.device("cpu")
         self._allocate()
-        last = len(self._bounds) - 2
+        last = self._last
         slabs = self._advance(last)
         slabs.extend(self._flush(last))
         self._finished = True
@@ -365,6 +400,10 @@ class StreamingStitcher:
             index = self._z_index.get(z)
             if index is None or y not in self._crops[1] or x not in self._crops[2]:
                 raise ValueError(f"Patch start {(z, y, x)} is not a start of the grid.")
+            if not self._first <= index <= self._last:
+                raise ValueError(
+                    f"Patch start {(z, y, x)} does not touch the rows {self._rows} this stitcher returns."
+                )
             if index < band:
                 raise RuntimeError(
                     f"Patch start {(z, y, x)} arrived after patches with a larger z-start; patches must come in "
@@ -422,11 +461,12 @@ class StreamingStitcher:
 
     def _flush(self, band: int) -> list[Slab]:
         assert self._buffer is not None
-        z_start = self._bounds[band]
-        z_stop = min(self._bounds[band + 1], self.volume_shape[0])
+        origin = self._bounds[band]  # padded row of buffer row 0
+        z_start = max(origin, self._rows[0])
+        z_stop = min(self._bounds[band + 1], self.volume_shape[0], self._rows[1])
         if z_stop <= z_start:
             return []
-        totals = self._buffer[: z_stop - z_start]
+        totals = self._buffer[z_start - origin : z_stop - origin]
         if self.reduce is not None:
             # An in-place all_reduce writes the other ranks' sums into rows this rank may never have touched; they
             # must be zeroed by the shift like any other used row.

@@ -30,6 +30,14 @@ class Store(Protocol):
     may run in the writer's thread pool; ``write_encoded`` then stores such bytes as the chunk at ``offset``.
     ``discard()`` closes a store whose content is thrown away, never raising; ``replace(source, final)`` renames a
     complete store over an earlier output.
+
+    For DDP prediction with rank-owned rows (:mod:`~unet3d_lightning.prediction.distributed`) a store says how
+    several ranks write it: ``shared_writes = True`` (Zarr) — every rank opens the store rank 0 created, as
+    ``Store(path, compression, attach=True)``, whose ``create_dataset`` then returns the existing dataset (checked,
+    no metadata written), and writes its own chunk rows; otherwise each rank writes a store of its own and rank 0
+    calls ``join(part_path)`` on its store for each other rank's (HDF5: the compressed chunks copied as they are).
+    A store with neither falls back to summing bands over the ranks with rank 0 writing. ``prediction.resume``
+    needs ``shared_writes``.
     """
 
     encode: Callable[[np.ndarray], bytes] | None

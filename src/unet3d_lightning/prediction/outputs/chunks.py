@@ -38,10 +38,13 @@ class ChunkRowDataset:
         shape: ``(D, H, W)`` or ``(C, D, H, W)``.
         dtype: the stored dtype; rows are cast to it.
         pool: threads for ``store.encode``, or None (then rows are written through the store's array).
+        rows: ``(a, b)``, the rows this process fills (DDP: the rank's own, chunk-aligned). Default None: all.
+        skip: first rows of the chunk rows not to write (finished by an interrupted run). Default none.
     """
 
     def __init__(
         self, store: Any, name: str, shape: tuple[int, ...], dtype: str, pool: ThreadPoolExecutor | None,
+        rows: tuple[int, int] | None = None, skip: set[int] | frozenset[int] = frozenset(),
     ) -> None:
         self.channel_axis = len(shape) == 4
         zyx = shape[-3:]
@@ -53,7 +56,10 @@ class ChunkRowDataset:
         self.pool = pool if store.encode is not None else None
         self._row: np.ndarray | None = None  # the chunk row being filled, (C, cz, H, W) or (cz, H, W)
         self._row_start = 0  # first z-row of _row
-        self._next = 0  # first z-row not received yet
+        self.rows = (0, self.depth) if rows is None else (int(rows[0]), int(rows[1]))
+        self.skip = frozenset(skip)
+        self._next = self.rows[0]  # first z-row not received yet
+        self.flushed = self.rows[0]  # rows below it (from rows[0]) are in the store
         self._pending: deque = deque()  # (chunk offset, future of encoded bytes), in submission order
 
     def add(self, z0: int, z1: int, values: np.ndarray) -> None:
@@ -77,8 +83,11 @@ class ChunkRowDataset:
             self._row[(*target, slice(z - self._row_start, z - self._row_start + take))] = source
             z += take
             if z == self._row_start + row_z:
-                self._write(self._row_start, self._row)
+                if self._row_start not in self.skip:
+                    self._write(self._row_start, self._row)
                 self._row = None
+                if self.pool is None:
+                    self.flushed = z
         self._next = z1
 
     def _write(self, z0: int, rows: np.ndarray) -> None:
@@ -113,6 +122,8 @@ class ChunkRowDataset:
             self.store.write_encoded(self.dataset, offset, future.result())
 
     def close(self) -> None:
-        if self._next != self.depth:
-            raise RuntimeError(f"{self.dataset.name}: only rows 0-{self._next} of {self.depth} were written")
+        if self._next != self.rows[1]:
+            expected = f"{self.depth}" if self.rows == (0, self.depth) else f"rows {self.rows[0]}-{self.rows[1]}"
+            raise RuntimeError(f"{self.dataset.name}: only rows {self.rows[0]}-{self._next} of {expected} were written")
         self._store(keep=0)
+        self.flushed = self._next

@@ -44,6 +44,7 @@ class Hdf5Store:
     it: written through h5py) or None."""
 
     replace = staticmethod(os.replace)  # a file is renamed over an earlier one in one step
+    shared_writes = False  # one writer per file (no MPI-HDF5): DDP ranks write part files that rank 0 joins
 
     def __init__(self, path: Path, compression: str | None) -> None:
         self.path = path
@@ -69,6 +70,23 @@ class Hdf5Store:
     @staticmethod
     def write_encoded(dataset: Any, offset: tuple[int, ...], data: bytes) -> None:
         dataset.id.write_direct_chunk(offset, data)
+
+    def join(self, part: Path) -> None:
+        """Copy every stored chunk of the datasets of the part file ``part`` (written by another rank: the same
+        datasets, shapes, chunks and filters, holding only that rank's rows) into this file's datasets as they are,
+        compressed (``read_direct_chunk`` / ``write_direct_chunk``: no decompression, no recompression), then delete
+        the part file. The cost is one read and one write of the part's compressed bytes, on this process."""
+        with h5py.File(part, "r") as source:
+            for name, dataset in source.items():
+                target = self.file[name]
+                if target.shape != dataset.shape or target.chunks != dataset.chunks or target.dtype != dataset.dtype:
+                    raise RuntimeError(f"{part}: {name} is {dataset.shape} {dataset.dtype} in {dataset.chunks}, "
+                                       f"unlike {target.shape} {target.dtype} in {target.chunks} of {self.path}")
+                for index in range(dataset.id.get_num_chunks()):
+                    offset = dataset.id.get_chunk_info(index).chunk_offset
+                    mask, data = dataset.id.read_direct_chunk(offset)
+                    target.id.write_direct_chunk(offset, data, mask)
+        os.unlink(part)
 
     def close(self) -> None:
         self.file.close()

@@ -14,17 +14,24 @@ ZARR_CLEVEL = 3
 
 class ZarrStore:
     """A new Zarr (format 3) group at ``path``; its arrays are Blosc-zstd compressed unless ``compression`` is None
-    (``"gzip"`` stands for Blosc-zstd). Zarr compresses each chunk itself, in its own threads, as rows are written."""
+    (``"gzip"`` stands for Blosc-zstd). Zarr compresses each chunk itself, in its own threads, as rows are written.
+
+    ``attach=True`` opens the group another process created at ``path`` (every DDP rank writes its own chunk rows
+    into the one store; chunk-aligned row ranges never share a chunk); ``create_dataset`` then returns the existing
+    array, checked against the shape and dtype asked for, and writes no metadata."""
+
+    shared_writes = True  # several processes may write disjoint chunks of one store
 
     encode = None
     # A directory cannot be renamed over a non-empty one: the earlier output is moved aside first.
     replace = staticmethod(replace_directory)
 
-    def __init__(self, path: Path, compression: str | None) -> None:
+    def __init__(self, path: Path, compression: str | None, attach: bool = False) -> None:
         import zarr
 
         self._zarr = zarr
-        self.group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        self.attached = attach
+        self.group = zarr.open_group(str(path), mode="r+" if attach else "w-", zarr_format=3)
         self.compression = compression
 
     @staticmethod
@@ -32,6 +39,12 @@ class ZarrStore:
         return None  # Blosc runs inside zarr
 
     def create_dataset(self, name: str, *, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...]) -> Any:
+        if self.attached:
+            array = self.group[name]
+            if tuple(array.shape) != tuple(shape) or str(array.dtype) != str(dtype) or tuple(array.chunks) != chunks:
+                raise RuntimeError(f"{name} of {self.group.store} is {array.shape} {array.dtype} in chunks "
+                                   f"{array.chunks}, not {shape} {dtype} in {chunks}")
+            return array
         codecs = self._zarr.codecs
         compressors = None if self.compression is None else codecs.BloscCodec(
             cname="zstd", clevel=ZARR_CLEVEL, shuffle=codecs.BloscShuffle.shuffle
