@@ -602,47 +602,6 @@ class PredictionWriter(Callback):
         self._current = None
 
 
-def _check_physical_formats(format: str, compression: str, dtype: str, preview: bool) -> None:
-    """The settings the OME-Zarr and TIFF outputs and the preview refuse, before anything runs."""
-    if format in ("ome-zarr", "tiff"):
-        require_formats_extra(f"prediction.format {format}")
-    if format == "ome-zarr" and compression == "lzf":
-        raise ConfigurationError(
-            "prediction.compression lzf is HDF5's own; OME-Zarr outputs take gzip (stored as Blosc-zstd) or none"
-        )
-    if format == "tiff" and dtype == "float16":
-        raise ConfigurationError(
-            "prediction.dtype float16 cannot be stored in an ImageJ TIFF (it holds uint8, uint16 and float32); with "
-            "prediction.format tiff choose prediction.dtype float32 or uint8"
-        )
-    if preview:
-        try:
-            import PIL  # noqa: F401
-        except ImportError:
-            raise ConfigurationError(
-                "prediction.preview needs Pillow, from the optional 'formats' extra: "
-                "pip install 'unet3d-lightning[formats]'"
-            ) from None
-
-
-def _physical(volume: Any) -> dict[str, Any]:
-    """The volume's voxel size and unit as the outputs take them (None when the volume does not know its own)."""
-    voxel_size = getattr(volume, "voxel_size", None)
-    if voxel_size is None:
-        return {"voxel_size": None, "unit": None}
-    zyx = getattr(voxel_size, "zyx", voxel_size)
-    return {"voxel_size": tuple(float(s) for s in zyx), "unit": getattr(voxel_size, "unit", None)}
-
-
-def _write_preview(volume: Any, output: VolumeOutput) -> Path:
-    """``<stem>_preview.png`` beside the complete output: the raw's central planes, read now, under the planes of
-    the overlay gathered while the volume was written."""
-    from .paths import side_path
-    from .preview import compose, raw_planes, write_preview
-
-    voxel_size = _physical(volume)["voxel_size"]
-    image = compose(raw_planes(volume), output.preview_planes, output.preview_kind, voxel_size)
-    return write_preview(side_path(output.final, output.format, "preview"), image)
     # ------------------------------------------------------------------------------------------------ owned rows
     def _new_output(self, pl_module: pl.LightningModule, index: int, rows: tuple[int, int], tmp: Path | None = None,
                     attach: bool = False, skip: frozenset[int] = frozenset()) -> VolumeOutput:
@@ -772,6 +731,47 @@ def _write_preview(volume: Any, output: VolumeOutput) -> Path:
         print("\n".join(lines), flush=True)
 
 
+def _check_physical_formats(format: str, compression: str, dtype: str, preview: bool) -> None:
+    """The settings the OME-Zarr and TIFF outputs and the preview refuse, before anything runs."""
+    if format in ("ome-zarr", "tiff"):
+        require_formats_extra(f"prediction.format {format}")
+    if format == "ome-zarr" and compression == "lzf":
+        raise ConfigurationError(
+            "prediction.compression lzf is HDF5's own; OME-Zarr outputs take gzip (stored as Blosc-zstd) or none"
+        )
+    if format == "tiff" and dtype == "float16":
+        raise ConfigurationError(
+            "prediction.dtype float16 cannot be stored in an ImageJ TIFF (it holds uint8, uint16 and float32); with "
+            "prediction.format tiff choose prediction.dtype float32 or uint8"
+        )
+    if preview:
+        try:
+            import PIL  # noqa: F401
+        except ImportError:
+            raise ConfigurationError(
+                "prediction.preview needs Pillow, from the optional 'formats' extra: "
+                "pip install 'unet3d-lightning[formats]'"
+            ) from None
+
+
+def _physical(volume: Any) -> dict[str, Any]:
+    """The volume's voxel size and unit as the outputs take them (None when the volume does not know its own)."""
+    voxel_size = getattr(volume, "voxel_size", None)
+    if voxel_size is None:
+        return {"voxel_size": None, "unit": None}
+    zyx = getattr(voxel_size, "zyx", voxel_size)
+    return {"voxel_size": tuple(float(s) for s in zyx), "unit": getattr(voxel_size, "unit", None)}
+
+
+def _write_preview(volume: Any, output: VolumeOutput) -> Path:
+    """``<stem>_preview.png`` beside the complete output: the raw's central planes, read now, under the planes of
+    the overlay gathered while the volume was written."""
+    from .paths import side_path
+    from .preview import compose, raw_planes, write_preview
+
+    voxel_size = _physical(volume)["voxel_size"]
+    image = compose(raw_planes(volume), output.preview_planes, output.preview_kind, voxel_size)
+    return write_preview(side_path(output.final, output.format, "preview"), image)
 def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
     """Start an asynchronous copy of a device tensor into page-locked host memory and return the host tensor."""
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
