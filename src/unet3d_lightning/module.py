@@ -27,7 +27,7 @@ from .losses import apply_final_activation, create_loss, final_activation_name
 from .networks import build_network, slice_wise
 from .prediction.engine import inference_context
 
-LossName = Literal["ce", "wce", "bce", "dice", "bce_dice"]
+LossName = Literal["ce", "wce", "bce", "dice", "bce_dice", "dice_ce"]
 Architecture = Literal["unet", "residual_unet", "residual_se_unet"]
 # Which way a monitored metric improves, read from its name: the first listed word found in the last part of the
 # name (``val/dice_class1`` -> ``dice_class1``) decides. Errors and losses fall, overlap scores rise.
@@ -37,7 +37,7 @@ _METRIC_DIRECTIONS = (
     ("recall", "max"), ("ap", "max"),
 )
 # Losses whose label type is fixed by the loss itself; 'dice' works with both and learns it from the data.
-_MULTICLASS_BY_LOSS = {"ce": True, "wce": True, "bce": False, "bce_dice": False}
+_MULTICLASS_BY_LOSS = {"ce": True, "wce": True, "bce": False, "bce_dice": False, "dice_ce": True}
 
 
 class UNet3DModule(pl.LightningModule):
@@ -56,7 +56,8 @@ class UNet3DModule(pl.LightningModule):
         variant: layer details, ``"native"`` or ``"pytorch3dunet"`` (set by ``unet3d import-pytorch3dunet`` for
             models trained with pytorch-3dunet; keep it to fine-tune them). Default ``"native"``.
         loss: ``"ce"`` cross-entropy, ``"wce"`` Sudre's weighted cross-entropy, ``"bce"`` binary cross-entropy (4D
-            binary labels), ``"dice"`` Sudre's Generalized Dice, ``"bce_dice"`` BCE + Dice. Default ``"ce"``.
+            binary labels), ``"dice"`` Sudre's Generalized Dice, ``"bce_dice"`` BCE + Dice, ``"dice_ce"`` nnU-Net's soft
+            Dice (softmax, batch Dice, background excluded) + cross-entropy for class ids. Default ``"ce"``.
         loss_weight: per-class (``ce``) or per-channel (``bce``, ``bce_dice``) weights, one per output channel; the
             original ``--loss-weight``. Default None (all 1).
         ignore_index: label value whose voxels count neither in the loss nor in the metrics. Default None.
