@@ -670,8 +670,8 @@ def create_loss(
         multiclass: ``True`` for class-index labels (one 3D label volume per sample, softmax over classes);
             ``False`` for binary per-channel masks (one 4D volume ``(C, D, H, W)`` per sample, sigmoid). Selects
             ``'softmax'`` or ``'sigmoid'`` normalisation for ``dice`` and rules out mismatched losses.
-        weight: per-class (ce, dice_ce: its CE term) or per-channel (bce, bce_dice) weights, non-negative. Default ``None``. Rejected
-            for ``wce`` (weights come from the batch) and ``dice`` (weights come from the class volumes).
+        weight: per-class (ce, dice_ce: its CE term) or per-channel (bce, bce_dice) weights, non-negative.
+            Default ``None``. Rejected for ``wce`` (weights come from the batch) and ``dice`` (weights come from the class volumes).
         ignore_index: label value excluded from the loss. Default ``None``. For binary labels it must not be 0 or 1.
         out_channels: number of network output channels; when given, ``weight`` must have this length and
             multiclass losses need at least 2 channels. Default ``None``: checked at the first forward instead.

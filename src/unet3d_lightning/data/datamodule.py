@@ -17,11 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigurationError
-from .datasets import Location, PatchDataset, PredictDataset, PredictionPlan, Shape3
+from .datasets import Location, PatchDataset, PredictDataset, PredictionPlan, RandomPatchDataset, Shape3
 from .io import MISSING_CHUNKS_POLICIES, MissingChunksPolicy, volume_format
 from .loader import PatchLoader, default_num_workers
 from .patches import padded_shape, patch_grid
-from .sampling import ShardedSampler, keep_foreground_patches
+from .sampling import RandomLocations, ShardedSampler, class_locations, keep_foreground_patches
 from .targets import LABEL_TRANSFORMS, LabelTransform, LabelTransformName, TargetOptions
 from .transforms import Augmentation
 from .volumes import (
@@ -120,6 +120,17 @@ class VolumeDataModule(pl.LightningDataModule):
             fill values); ``"error"`` refuses every array that lacks chunks; ``"fill"`` reads them as the fill
             value, with a warning. Checked at setup from the stores' listings (no extra data read); see
             :class:`~unet3d_lightning.data.volumes.ChunkAudit`. Default ``"auto"``.
+        sampling: where training patches lie: ``"grid"``, every patch of the strided grid once per epoch (in a new
+            order each epoch), or ``"random"``, ``patches_per_epoch`` positions drawn anew each epoch from the
+            per-sample seeds (uniform over the volumes, then uniform where the patch fits, or centred on
+            foreground, see ``foreground_oversampling``); see
+            :class:`~unet3d_lightning.data.sampling.RandomLocations`. Both are seeded, resumable mid-epoch and
+            disjoint over DDP ranks. Default ``"grid"``.
+        patches_per_epoch: with ``sampling: random``, the patches of one epoch over all devices. Default None: as
+            many as the training grid has.
+        foreground_oversampling: with ``sampling: random``, the share of patches centred on a voxel of a random
+            foreground class present in the chosen volume (nnU-Net's 0.33); the classes' voxel positions are
+            found once per volume at setup (at most 10 000 kept per class). Default 0.0: every position uniform.
     """
 
     def __init__(
@@ -150,6 +161,9 @@ class VolumeDataModule(pl.LightningDataModule):
         label_transform: LabelTransformName = "none",
         target_options: TargetOptions = TargetOptions(),
         missing_chunks: MissingChunksPolicy = "auto",
+        sampling: Literal["grid", "random"] = "grid",
+        patches_per_epoch: int | None = None,
+        foreground_oversampling: float = 0.0,
     ) -> None:
         super().__init__()
         if isinstance(augmentation, Mapping):  # as stored in a checkpoint's hyperparameters
@@ -176,6 +190,10 @@ class VolumeDataModule(pl.LightningDataModule):
                 f"data.missing_chunks {missing_chunks!r} is not one of {', '.join(MISSING_CHUNKS_POLICIES)}"
             )
         self.missing_chunks = missing_chunks
+        _check_sampling(sampling, patches_per_epoch, foreground_oversampling, min_foreground_fraction)
+        self.sampling = sampling
+        self.patches_per_epoch = patches_per_epoch
+        self.foreground_oversampling = float(foreground_oversampling)
         self.paths = {"train": train_paths, "val": val_paths, "test": test_paths, "predict": predict_paths}
         unknown = sorted(set(label_paths or {}) - {"train", "val", "test"})
         if unknown:
@@ -422,6 +440,8 @@ class VolumeDataModule(pl.LightningDataModule):
                 padded = padded_shape(volume.spatial_shape, patch)
                 plans.append(PredictionPlan(volume, padded, self._grid(volume, padded, patch, stride, role)))
             return PredictDataset(plans, self.normalization)
+        if role == "train" and self.sampling == "random":
+            return self._random_dataset(volumes, patch, stride)
         locations: list[Location] = []
         for v, volume in enumerate(volumes):
             grid = self._grid(volume, volume.spatial_shape, patch, stride, role)
@@ -437,6 +457,22 @@ class VolumeDataModule(pl.LightningDataModule):
         return PatchDataset(
             volumes, locations, self.normalization, transforms or None, label_transform=self.targets,
             ignore_label=self._model_spec()["ignore_index"],
+        )
+
+    def _random_dataset(self, volumes: list[Volume], patch: Shape3, stride: Shape3) -> Dataset:
+        """``data.sampling: random``: positions drawn per sample; class locations found once per volume."""
+        ignore = self._model_spec()["ignore_index"]
+        locations = None
+        if self.foreground_oversampling > 0:
+            locations = [class_locations(v, ignore_index=ignore, seed=self.seed or 0) for v in volumes]
+        count = self.patches_per_epoch
+        if count is None:
+            count = sum(len(self._grid(v, v.spatial_shape, patch, stride, "train")) for v in volumes)
+        positions = RandomLocations([v.spatial_shape for v in volumes], patch, locations, self.foreground_oversampling)
+        transforms = self.augmentation.build()
+        return RandomPatchDataset(
+            volumes, positions, count, normalization=self.normalization, transforms=transforms or None,
+            label_transform=self.targets, ignore_label=ignore,
         )
 
     def _filter(self, volume: Volume, grid: list, patch: Shape3) -> list:
@@ -554,6 +590,28 @@ def _twice(entries: Any, role: str) -> str:
             return f"; data.{role}_paths lists {path} more than once, used once"
         seen.add(path.resolve())
     return ""
+
+
+def _check_sampling(
+    sampling: str, patches_per_epoch: int | None, foreground_oversampling: float, min_foreground_fraction: float | None
+) -> None:
+    """The settings of ``data.sampling`` agree among themselves (ConfigurationError naming the key otherwise)."""
+    if sampling not in ("grid", "random"):
+        raise ConfigurationError(f"data.sampling {sampling!r} is not one of grid, random")
+    if patches_per_epoch is not None and (isinstance(patches_per_epoch, bool) or patches_per_epoch < 1):
+        raise ConfigurationError(f"data.patches_per_epoch {patches_per_epoch} must be an integer >= 1")
+    if not 0 <= foreground_oversampling <= 1:
+        raise ConfigurationError(f"data.foreground_oversampling {foreground_oversampling} must be in [0, 1]")
+    if sampling == "grid" and (patches_per_epoch is not None or foreground_oversampling > 0):
+        key = "patches_per_epoch" if patches_per_epoch is not None else "foreground_oversampling"
+        raise ConfigurationError(
+            f"data.{key} applies to random patch positions; set data.sampling to random, or drop data.{key}"
+        )
+    if sampling == "random" and min_foreground_fraction is not None:
+        raise ConfigurationError(
+            "data.min_foreground_fraction filters the patch grid and does not apply to data.sampling random; use "
+            "data.foreground_oversampling (the share of patches centred on foreground) instead"
+        )
 
 
 def _shape(value: Sequence[int] | None, name: str) -> Shape3 | None:
