@@ -236,12 +236,17 @@ def load_checkpoint_weights(ckpt_path: str | Path, model: torch.nn.Module) -> No
     edited or mixed-up file) are a ConfigurationError naming the setting, raised before any volume is read."""
     try:
         # Memory-mapped: the tensors are paged in as load_state_dict copies them, not read into a second full copy.
-        model.load_state_dict(read_checkpoint(ckpt_path)["state_dict"])
+        checkpoint = read_checkpoint(ckpt_path)
+        model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:
         raise ConfigurationError(
             f"ckpt_path {ckpt_path}: hyper_parameters {_weights_problem(str(err), model)}; the file was edited or is "
             "damaged: give a .ckpt as unet3d fit wrote it"
         ) from None
+    # The voxel size of the training data, which prediction compares with its volumes' (older checkpoints: None).
+    from .data.spacing import VoxelSize
+
+    model.voxel_size = VoxelSize.from_dict(checkpoint.get("voxel_size"))  # type: ignore[assignment]
 
 
 def _weights_problem(message: str, model: torch.nn.Module) -> str:

@@ -21,6 +21,7 @@ from torchmetrics.classification import (
     MultilabelJaccardIndex,
 )
 
+from .data.spacing import VoxelSize
 from .data.targets import MASKED
 from .errors import ConfigurationError
 from .losses import apply_final_activation, create_loss, final_activation_name
@@ -109,6 +110,10 @@ class UNet3DModule(pl.LightningModule):
             training uses the heads: validation, prediction, export and the network's state dict are those of the
             plain network. Needs ``num_levels >= 3``. Default False.
     """
+
+    # The voxel size (z, y, x) of the training data, recorded in checkpoints under "voxel_size" (None: unknown); set
+    # by fit from the data, read back with the weights, compared with each prediction volume's.
+    voxel_size: VoxelSize | None = None
 
     def __init__(
         self,
@@ -266,6 +271,8 @@ class UNet3DModule(pl.LightningModule):
         targets = getattr(datamodule, "targets", None)
         if targets is not None and stage != "predict":
             self.hparams["targets"] = targets.spec()
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "training_voxel_size"):
+            self.voxel_size = datamodule.training_voxel_size
         self.use_label_kind(
             getattr(datamodule, "label_kind", None),
             voxel_weights=stage != "predict" and getattr(datamodule, "weight_internal_path", None) is not None,
@@ -335,6 +342,8 @@ class UNet3DModule(pl.LightningModule):
         # Checkpoints hold contiguous tensors whatever the run's memory format: the file does not depend on the
         # setting, and any checkpoint loads into a network of either layout (load_state_dict copies into it).
         checkpoint["state_dict"] = {k: _contiguous(v) for k, v in checkpoint["state_dict"].items()}
+        if self.voxel_size is not None:
+            checkpoint["voxel_size"] = self.voxel_size.as_dict()
         for optimizer_state in checkpoint.get("optimizer_states", []):
             for state in optimizer_state.get("state", {}).values():
                 state.update({k: _contiguous(v) for k, v in state.items()})
@@ -343,6 +352,7 @@ class UNet3DModule(pl.LightningModule):
         _match_deep_supervision_heads(self, checkpoint.get("state_dict"))
         # Resumed optimizer state (Adam's moments) takes the layout of the parameters it updates, so that the
         # optimizer keeps its fast path; load_state_dict already copies the weights into the network's layout.
+        self.voxel_size = VoxelSize.from_dict(checkpoint.get("voxel_size")) or self.voxel_size
         fmt = self.input_memory_format
         if fmt is None:
             return

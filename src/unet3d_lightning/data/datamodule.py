@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from .io import MISSING_CHUNKS_POLICIES, MissingChunksPolicy, volume_format
 from .loader import PatchLoader, default_num_workers
 from .patches import padded_shape, patch_grid
 from .sampling import RandomLocations, ShardedSampler, class_locations, keep_foreground_patches
+from .spacing import VoxelSize, common_voxel_size, mismatch_warning
 from .targets import LABEL_TRANSFORMS, LabelTransform, LabelTransformName, TargetOptions
 from .transforms import Augmentation
 from .volumes import (
@@ -120,6 +122,12 @@ class VolumeDataModule(pl.LightningDataModule):
             fill values); ``"error"`` refuses every array that lacks chunks; ``"fill"`` reads them as the fill
             value, with a warning. Checked at setup from the stores' listings (no extra data read); see
             :class:`~unet3d_lightning.data.volumes.ChunkAudit`. Default ``"auto"``.
+        voxel_size: ``(z, y, x)`` voxel size of every volume, for files that record none or a wrong one; it
+            replaces what the files record (NIfTI zooms, OME-Zarr scale, ImageJ/OME-TIFF sizes, ``element_size_um``)
+            and keeps a file's unit, or has no unit when the file records none. Training records the voxel size of
+            its data in the checkpoint; prediction warns about volumes of another voxel size (and resamples them
+            with ``--prediction.rescale true``). See :mod:`~unet3d_lightning.data.spacing`. Default None: what each
+            file records.
         sampling: where training patches lie: ``"grid"``, every patch of the strided grid once per epoch (in a new
             order each epoch), or ``"random"``, ``patches_per_epoch`` positions drawn anew each epoch from the
             per-sample seeds (uniform over the volumes, then uniform where the patch fits, or centred on
@@ -161,6 +169,7 @@ class VolumeDataModule(pl.LightningDataModule):
         label_transform: LabelTransformName = "none",
         target_options: TargetOptions = TargetOptions(),
         missing_chunks: MissingChunksPolicy = "auto",
+        voxel_size: tuple[float, float, float] | None = None,
         sampling: Literal["grid", "random"] = "grid",
         patches_per_epoch: int | None = None,
         foreground_oversampling: float = 0.0,
@@ -230,6 +239,11 @@ class VolumeDataModule(pl.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.volumes: dict[str, list[Volume]] = {}
         self._scanned: dict[tuple[Any, ...], Volume] = {}
+        self.voxel_size = _voxel_size_setting(voxel_size)
+        # The voxel size of the training data (checkpoints record it) and the warnings already given (check runs
+        # twice per command: once before the Trainer starts, once in setup).
+        self.training_voxel_size: VoxelSize | None = None
+        self._voxel_size_warnings: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------ setup
     @property
@@ -283,6 +297,7 @@ class VolumeDataModule(pl.LightningDataModule):
         spec = self._model_spec(model)
         for role in roles:
             self.volumes[role] = self._load_volumes(role, spec)
+        self._check_voxel_sizes(roles, model)
         labelled = [v for role in roles if role != "predict" for v in self.volumes[role]]
         kinds = {"class_ids": "3D class ids", "binary": "4D binary masks", "instances": "3D instance ids"}
         check_consistent(labelled, "label_kind", "labels as", "label_internal_path", kinds.get)
@@ -309,6 +324,24 @@ class VolumeDataModule(pl.LightningDataModule):
                 for volume in self.volumes[role]:  # and so is a volume smaller than its patch
                     self._grid(volume, volume.spatial_shape, patch, stride, role)
         return roles
+
+    def _check_voxel_sizes(self, roles: Sequence[str], model: Any = None) -> None:
+        """Training: the voxel size of the data, with one warning when its volumes differ by more than 10 %.
+        Prediction: one warning per volume whose voxel size differs from the model's (its checkpoint's) by more."""
+        if model is None and self.trainer is not None:
+            model = self.trainer.lightning_module
+        messages = []
+        if "train" in roles:
+            named = [(v.name, v.voxel_size) for role in ("train", "val") for v in self.volumes.get(role, [])]
+            self.training_voxel_size, message = common_voxel_size(named)
+            messages.append(message)
+        trained = getattr(model, "voxel_size", None)
+        for volume in self.volumes.get("predict", []) if "predict" in roles else []:
+            messages.append(mismatch_warning(volume.name, volume.voxel_size, trained))
+        for message in messages:
+            if message is not None and message not in self._voxel_size_warnings:
+                self._voxel_size_warnings.add(message)
+                warnings.warn(message, VoxelSizeWarning, stacklevel=3)
 
     def _check_offsets(self, roles: Sequence[str]) -> None:
         """Every affinity offset must link voxels inside a patch: one as long as the patch links none (its channel
@@ -364,6 +397,9 @@ class VolumeDataModule(pl.LightningDataModule):
                 self._scanned[key] = volume
             if volume.role != role:
                 volume = dataclasses.replace(volume, role=role)  # shares the in-memory arrays
+            if self.voxel_size is not None:
+                unit = volume.voxel_size.unit if volume.voxel_size is not None else None
+                volume = dataclasses.replace(volume, voxel_size=VoxelSize(self.voxel_size, unit))
             volumes.append(volume)
         return volumes
 
@@ -573,6 +609,21 @@ class VolumeDataModule(pl.LightningDataModule):
             close = getattr(dataset, "close", None)
             if close is not None:
                 close()
+
+
+class VoxelSizeWarning(UserWarning):
+    """Volumes of one run, or a volume and the model, whose voxel sizes differ by more than 10 %."""
+
+
+def _voxel_size_setting(value: Sequence[float] | None) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    try:
+        return VoxelSize(tuple(value)).zyx  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f"data.voxel_size {list(value)} must be three positive numbers (z, y, x), e.g. [2.0, 0.5, 0.5]"
+        ) from None
 
 
 def _names(paths: Sequence[Any], shown: int = 4) -> str:

@@ -44,6 +44,7 @@ from .io import (
     volume_format,
 )
 from .io.handles import FileCache
+from .spacing import VoxelSize
 
 # Names that lived in this module before the readers moved to the io package, importable from here for code written
 # against earlier versions.
@@ -157,7 +158,8 @@ class IntensityStats:
 class Volume:
     """What setup learned about one volume; cheap to pickle into DataLoader workers (holds no file handle).
 
-    ``label_path`` is the file holding the labels (and weights) when they are not in ``path``. ``arrays`` holds the
+    ``label_path`` is the file holding the labels (and weights) when they are not in ``path``. ``voxel_size`` is the
+    raw's :class:`~unet3d_lightning.data.spacing.VoxelSize` (None: the file records none). ``arrays`` holds the
     volume's arrays by kind (``"raw"``, ``"label"``, ``"weight"``) when ``in_memory`` is on, and is empty otherwise.
     """
 
@@ -175,6 +177,8 @@ class Volume:
     stats: IntensityStats | None = None
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     label_path: Path | None = None
+    # The raw's voxel size (z, y, x) with its unit, as the file records it or data.voxel_size sets it; None: unknown.
+    voxel_size: VoxelSize | None = None
 
     @property
     def name(self) -> str:
@@ -240,6 +244,7 @@ def open_volume(
         volume = Volume(
             path=path, role=role, raw_internal_path=raw_internal_path, spatial_shape=spatial,  # type: ignore[arg-type]
             channels=int(raw.shape[0]) if raw.ndim == 4 else 1, raw_is_4d=raw.ndim == 4, label_path=label_path,
+            voxel_size=_recorded_voxel_size(f, raw_internal_path),
         )
         label = None
         if label_internal_path is not None:
@@ -268,6 +273,15 @@ def open_volume(
             volume.weight_internal_path = weight_internal_path
             volume.weight_is_4d = weight.ndim == 4
     return volume
+
+
+def _recorded_voxel_size(file: VolumeFile, key: str) -> VoxelSize | None:
+    """The voxel size ``file`` records for ``key``; None when it records none or its metadata cannot be read (a
+    voxel size is information, never a reason to refuse a volume)."""
+    try:
+        return file.voxel_size(key)
+    except (ConfigurationError, *READ_ERRORS, ValueError, TypeError, AttributeError):
+        return None
 
 
 # ----------------------------------------------------------------------------------- checks of any array source

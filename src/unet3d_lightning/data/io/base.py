@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...errors import ConfigurationError
+from ..spacing import VoxelSize, voxel_size_or_none
 
 if TYPE_CHECKING:
     from .chunks import MissingChunks
@@ -75,6 +76,11 @@ class VolumeFile:
     def array(self, key: str) -> Any:
         raise NotImplementedError
 
+    def voxel_size(self, key: str) -> VoxelSize | None:
+        """The voxel size ``(z, y, x)`` the file records for ``array(key)``, with its unit, or None when it records
+        none. Formats override it (see each reader); the default is None."""
+        return None
+
     def missing_chunks(self, key: str) -> MissingChunks | None:
         """The chunks of ``array(key)`` that the file does not store, or None when it stores all of them (or has
         no chunks: TIFF pages are always there)."""
@@ -94,6 +100,39 @@ class VolumeFile:
         return ConfigurationError(
             f"{self.role} volume {self.path}: dataset '{key}' {what}; datasets in the file: {found or 'none'}"
         )
+
+
+# Attributes of an HDF5 dataset or a Zarr array (or of a group above it) that record its voxel size, in the order
+# they are looked for: PlantSeg's and ilastik's ``element_size_um`` ((z, y, x) in micrometres; ilastik may add a
+# channel entry), and ``resolution`` (CREMI and others, in the unit of a ``unit``/``units`` attribute, if any).
+VOXEL_SIZE_ATTRIBUTES = ("element_size_um", "resolution")
+
+
+def voxel_size_from_attributes(attribute_sets: list[Any]) -> VoxelSize | None:
+    """The voxel size recorded in the first of ``attribute_sets`` (the array's attributes, then its groups', up to
+    the root) that has ``element_size_um`` or ``resolution``; None when none has a usable one.
+
+    ``element_size_um`` is in micrometres; ``resolution`` in the unit its holder's ``unit`` (or ``units``) attribute
+    names, else of unknown unit. Only the last three entries count, (z, y, x): a leading channel entry is dropped.
+    """
+    for attrs in attribute_sets:
+        for name in VOXEL_SIZE_ATTRIBUTES:
+            try:
+                value = attrs.get(name)
+            except (*READ_ERRORS, ValueError, TypeError):
+                continue
+            if value is None:
+                continue
+            values = np.asarray(value).ravel().tolist()
+            if len(values) < 3:
+                continue
+            unit = "micrometer" if name == "element_size_um" else (attrs.get("unit") or attrs.get("units"))
+            if isinstance(unit, (list, tuple, np.ndarray)):
+                unit = np.asarray(unit).ravel()[-1]
+            size = voxel_size_or_none(values[-3:], unit)
+            if size is not None:
+                return size
+    return None
 
 
 class OneSlice:

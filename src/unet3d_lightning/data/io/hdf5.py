@@ -17,7 +17,8 @@ import h5py
 import numpy as np
 
 from ...errors import ConfigurationError
-from .base import READ_ERRORS, OneSlice, VolumeFile, error_summary
+from ..spacing import VoxelSize
+from .base import READ_ERRORS, OneSlice, VolumeFile, error_summary, voxel_size_from_attributes
 from .chunks import CHUNK_CACHE_BYTES, MissingChunks
 
 SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -202,6 +203,22 @@ class HDF5File(VolumeFile):
 
     def array(self, key: str) -> Any:
         return _dataset(self.file, key, self.path, self.role)
+
+    def voxel_size(self, key: str) -> VoxelSize | None:
+        """From the attribute ``element_size_um`` (micrometres) or ``resolution`` of the dataset, else of the
+        groups above it up to the file's root (see :func:`~.base.voxel_size_from_attributes`)."""
+        view = self.array(key)
+        node: Any = view.dataset if isinstance(view, OneSlice) else view
+        holders = []
+        try:
+            while True:
+                holders.append(node.attrs)
+                if node.name == "/":
+                    break
+                node = node.parent
+        except READ_ERRORS:
+            pass  # an unreadable group above: the attributes found so far still count
+        return voxel_size_from_attributes(holders)
 
     def missing_chunks(self, key: str) -> MissingChunks | None:
         view = self.array(key)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigurationError
+from ..spacing import VoxelSize, unit_name, voxel_size_or_none
 from .base import FORMAT_READ_ERRORS, AxisView, VolumeFile, error_summary, one_slice, require_formats_extra
 from .chunks import CachedChunks
 
@@ -95,6 +96,28 @@ class TiffFile(VolumeFile):
             stored = whole
         return one_slice(AxisView(stored, keep, order))
 
+    def voxel_size(self, key: str) -> VoxelSize | None:
+        """An OME-TIFF's ``PhysicalSizeZ/Y/X`` (in their ``PhysicalSize*Unit``, µm by OME's default); else an
+        ImageJ file's ``spacing`` (z) and the first page's ``XResolution``/``YResolution`` (pixels per ``unit``;
+        without ``spacing``, z is 1 unit, as ImageJ reads it). None when the file records none (a plain TIFF's
+        resolution tags give no z size, and ImageJ's unit "pixel" no physical size)."""
+        try:
+            if self.file.is_ome:
+                size = _ome_voxel_size(self.file.ome_metadata or "")
+                if size is not None:
+                    return size
+            page = self.file.pages.first
+            x_res, y_res = page.resolution
+            imagej = self.file.imagej_metadata or {}
+        except FORMAT_READ_ERRORS + (AttributeError, TypeError):
+            return None
+        if imagej:
+            unit = unit_name(imagej.get("unit"))
+            if unit is None or not x_res or not y_res:
+                return None  # ImageJ's "pixel": no physical size recorded
+            return voxel_size_or_none((imagej.get("spacing", 1.0), 1 / y_res, 1 / x_res), unit)
+        return None
+
     def _order(self, kept_axes: str, shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
         """The stored axis of each axis of the ``(D, H, W)`` or ``(C, D, H, W)`` view."""
         n = len(kept_axes)
@@ -113,3 +136,34 @@ class TiffFile(VolumeFile):
 
     def close(self) -> None:
         self.file.close()
+
+
+def _ome_voxel_size(xml: str) -> VoxelSize | None:
+    """``PhysicalSizeZ/Y/X`` of the first image's ``Pixels`` in OME-XML, converted to the x axis's unit; None when
+    any of the three is missing."""
+    import xml.etree.ElementTree as ElementTree
+
+    from ..spacing import UNIT_METRES
+
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return None
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    values, units = [], []
+    for axis in "ZYX":
+        value = pixels.get(f"PhysicalSize{axis}")
+        if value is None:
+            return None
+        values.append(value)
+        units.append(unit_name(pixels.get(f"PhysicalSize{axis}Unit", "µm")))
+    unit = units[-1]
+    if None in units:
+        return None
+    try:
+        zyx = [float(v) * UNIT_METRES[u] / UNIT_METRES[unit] for v, u in zip(values, units)]  # type: ignore[index]
+    except ValueError:
+        return None
+    return voxel_size_or_none(zyx, unit)

@@ -18,7 +18,16 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigurationError
-from .base import FORMAT_READ_ERRORS, AxisView, VolumeFile, error_summary, one_slice, require_formats_extra
+from ..spacing import UNIT_METRES, VoxelSize, unit_name, voxel_size_or_none
+from .base import (
+    FORMAT_READ_ERRORS,
+    AxisView,
+    VolumeFile,
+    error_summary,
+    one_slice,
+    require_formats_extra,
+    voxel_size_from_attributes,
+)
 from .chunks import CachedChunks, MissingChunks
 
 SUFFIXES = (".zarr",)
@@ -97,6 +106,27 @@ class ZarrFile(VolumeFile):
             array = AxisView(array, keep, tuple(range(len(keep))))
         return one_slice(array)
 
+    def voxel_size(self, key: str) -> VoxelSize | None:
+        """For a level of an OME-Zarr image: its ``scale`` (the level's ``coordinateTransformations``, times the
+        multiscale's own, NGFF 0.4/0.5) on the ``space`` axes z, y, x, in their ``unit``; the group's ``""`` stands
+        for level 0. For another array: the attribute ``element_size_um`` or ``resolution`` of the array or of a
+        group above it."""
+        node, name = self._node(key)
+        parent = name.rpartition("/")[0]
+        groups: list[Any] = []
+        try:
+            group: Any = self.root[parent] if parent else self.root
+            groups.append(group)
+            size = _ngff_voxel_size(group, name.rpartition("/")[2])
+            if size is not None:
+                return size
+            parts = parent.split("/") if parent else []
+            for i in range(len(parts) - 1, -1, -1):
+                groups.append(self.root["/".join(parts[:i])] if i else self.root)
+        except FORMAT_READ_ERRORS:
+            pass
+        return voxel_size_from_attributes([node.attrs] + [g.attrs for g in groups if hasattr(g, "attrs")])
+
     def missing_chunks(self, key: str) -> MissingChunks | None:
         """Compares the chunk files under the array's directory with the chunk grid (for a sharded array: the
         shards, the objects the store holds); reads no chunk."""
@@ -150,6 +180,46 @@ def _multiscales(group: Any) -> Any:
     # OME-NGFF 0.4 keeps ``multiscales`` among the group's attributes, 0.5 under ``attributes["ome"]``.
     attrs = dict(group.attrs)
     return attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+
+
+def _ngff_voxel_size(group: Any, level: str) -> VoxelSize | None:
+    """The voxel size of the level ``level`` of the OME-Zarr image ``group``, or None (not an image; no scale)."""
+    try:
+        multiscale = _multiscales(group)[0]
+        axes = multiscale["axes"]
+        dataset = next(d for d in multiscale["datasets"] if str(d["path"]) == level)
+    except (TypeError, KeyError, IndexError, StopIteration):
+        return None
+    scale = [1.0] * len(axes)
+    found = False
+    for transforms in (dataset.get("coordinateTransformations"), multiscale.get("coordinateTransformations")):
+        for transform in transforms or []:
+            if isinstance(transform, dict) and transform.get("type") == "scale" and \
+                    len(transform.get("scale") or []) == len(axes):
+                scale = [a * float(b) for a, b in zip(scale, transform["scale"])]
+                found = True
+    if not found:
+        return None
+    names = [str(a.get("name", "")).lower() if isinstance(a, dict) else str(a).lower() for a in axes]
+    kinds = [a.get("type") if isinstance(a, dict) else None for a in axes]
+    zyx = []
+    units = []
+    for wanted in "zyx":
+        if wanted not in names:
+            return None
+        i = names.index(wanted)
+        if kinds[i] not in (None, "space"):
+            return None
+        zyx.append(scale[i])
+        units.append(unit_name(axes[i].get("unit")) if isinstance(axes[i], dict) else None)
+    # NGFF allows a unit per axis; a voxel size here has one: the x axis's, the others converted to it.
+    unit = units[-1]
+    if len(set(units)) > 1:
+        if None in units:
+            unit = None
+        else:
+            zyx = [v * UNIT_METRES[u] / UNIT_METRES[unit] for v, u in zip(zyx, units)]
+    return voxel_size_or_none(zyx, unit)
 
 
 def multiscale_level0(group: Any) -> str | None:
