@@ -144,3 +144,16 @@ def test_fit_with_heads_then_predict_and_load_without_them(tmp_path, monkeypatch
     with torch.no_grad():
         expected = plain.final_activation(plain(x))[0]
     torch.testing.assert_close(predicted, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_anisotropic_pooling_targets_follow_each_level():
+    # Per-axis pooling (z pooled only at the second pooling): each head's logits have its level's size, and the
+    # target is brought to exactly that size.
+    module = UNet3DModule(**TINY, pool_kernel_size=[[1, 2, 2], [2, 2, 2]], deep_supervision=True)
+    outputs = []
+    handle = module.deep_supervision.heads[0].register_forward_hook(lambda m, a, out: outputs.append(out))
+    batch = _batch(shape=(4, 16, 16))
+    loss = module._training_loss(batch)
+    handle.remove()
+    assert torch.isfinite(loss)
+    assert tuple(outputs[0].shape[2:]) == (4, 8, 8)  # the level below full resolution: y and x halved, z not

@@ -141,6 +141,19 @@ def test_ddp_shards_are_disjoint_and_match_one_process(tmp_path):
     assert all(seen[i] == everything[i] for i in seen)  # a position keeps its patch whatever the world size
 
 
+def test_volumes_without_foreground_fall_back_to_uniform_positions(tmp_path):
+    empty = write_h5(tmp_path / "e.h5", raw=np.zeros((16, 16, 16), np.float32), label=np.zeros((16, 16, 16), np.uint8))
+    path, _ = _sparse_volume(tmp_path / "v.h5")
+    dm = _module([empty, path], patches_per_epoch=200, foreground_oversampling=1.0)
+    dm.trainer = _fake_trainer()
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    located = [dataset.positions.locate(s) for _, s in dm.train_dataloader().sampler]
+    assert {v for v, _, _ in located} == {0, 1}  # both volumes are drawn
+    assert all(not forced for v, _, forced in located if v == 0)  # nothing to centre on: uniform
+    assert all(forced for v, _, forced in located if v == 1)
+
+
 def test_class_locations_keep_a_capped_uniform_subsample(tmp_path):
     shape = (30, 20, 20)
     label = np.zeros(shape, np.int32)
