@@ -270,6 +270,8 @@ class UNet3DCLI(LightningCLI):
                 subcommands.add_subcommand(
                     "import-pytorch3dunet", ArgumentParser(description=description), help=description
                 )
+                description = "Read the training volumes and write a fit config fitted to them and the device."
+                subcommands.add_subcommand("plan", ArgumentParser(description=description), help=description)
 
     def before_instantiate_classes(self) -> None:
         """Fail fast, before any model, data or checkpoint is loaded, on mistakes visible in the config."""
@@ -559,6 +561,11 @@ def main(args: list[str] | None = None) -> None:
             from .importers import main as import_main
 
             return import_main(argv[1:])
+        if argv and argv[0] == "plan":
+            # Not a Lightning run either: reads the training volumes and writes a fit config (see plan.py).
+            from .plan import main as plan_main
+
+            return plan_main(argv[1:])
         return _run(args)
     finally:
         checkpoints.forget()  # the next run in this process reads its checkpoints afresh

@@ -42,6 +42,7 @@ __all__ = [
     "BCEDiceLoss",
     "BCELoss",
     "CrossEntropyLoss",
+    "DiceCELoss",
     "GeneralizedDiceLoss",
     "L1Loss",
     "MSELoss",
@@ -56,11 +57,11 @@ __all__ = [
 
 #: Losses of regression tasks (float targets, no final activation): mean squared error, mean absolute error, Huber.
 REGRESSION_LOSS_NAMES = ("mse", "l1", "smooth_l1")
-LOSS_NAMES = ("ce", "wce", "bce", "dice", "bce_dice", *REGRESSION_LOSS_NAMES)
+LOSS_NAMES = ("ce", "wce", "bce", "dice", "bce_dice", "dice_ce", *REGRESSION_LOSS_NAMES)
 
-_MULTICLASS_ONLY = ("ce", "wce")
+_MULTICLASS_ONLY = ("ce", "wce", "dice_ce")
 _BINARY_ONLY = ("bce", "bce_dice")
-_USES_WEIGHT = ("ce", "bce", "bce_dice", *REGRESSION_LOSS_NAMES)
+_USES_WEIGHT = ("ce", "bce", "bce_dice", "dice_ce", *REGRESSION_LOSS_NAMES)
 _NORMALIZATIONS = ("sigmoid", "softmax", "none")
 _ACTIVATIONS = ("softmax", "sigmoid", "none")
 
@@ -560,6 +561,81 @@ class BCEDiceLoss(_Float32Loss):
         return self.alpha * self.bce(logits, target, voxel_weight) + self.beta * self.dice(logits, target)
 
 
+class DiceCELoss(_Float32Loss):
+    """nnU-Net's Dice + cross-entropy for class-index targets: ``CE + (1 − mean foreground soft Dice)``.
+
+    .. math::
+
+        \\mathcal{L} = \\alpha\\, \\mathrm{CE}(x, y) + \\beta \\left(1 - \\frac{1}{C-1} \\sum_{l=1}^{C-1}
+            \\frac{2 \\sum_n v_n p_{ln} r_{ln} + \\epsilon}{\\sum_n v_n (p_{ln} + r_{ln}) + \\epsilon}\\right)
+
+    with ``p_ln = softmax(x_n)_l`` the predicted probability and ``r_ln`` the one-hot of the label ``y_n`` of voxel
+    ``n``, ``v_n = 0`` on ``ignore_index`` voxels. ``CE`` is :class:`CrossEntropyLoss` (class ``weight`` and per-voxel
+    weights apply to it only). The Dice is a **batch Dice**: ``n`` runs over every voxel of the whole batch, one
+    Dice per class, and class 0 (the background) is left out of the mean; the Dice classes are not weighted (each
+    foreground class counts alike whatever its volume). Source: F. Isensee, P. F. Jaeger, S. A. A. Kohl, J.
+    Petersen, K. H. Maier-Hein, "nnU-Net: a self-configuring method for deep learning-based biomedical image
+    segmentation", Nature Methods 18, 203–211 (2021), the default loss (soft Dice over softmax + CE, weights 1:1,
+    batch Dice, background excluded); nnU-Net writes the Dice term as ``−Dice``, which differs from ``1 − Dice``
+    only by a constant.
+
+    A foreground class absent from the batch and not predicted has Dice ``ε/ε = 1`` (nothing to miss); absent but
+    predicted it has Dice ≈ 0, so false positives of empty classes are penalised.
+
+    Target: class-index labels ``(B, D, H, W)`` of an integer dtype, values in ``[0, C)`` or ``ignore_index``;
+    needs ``C ≥ 2``.
+
+    Args:
+        alpha: factor of the CE term, finite and ≥ 0. Default ``1.0``.
+        beta: factor of the Dice term, finite and ≥ 0. Default ``1.0``.
+        weight: per-class CE weights, length C (see :class:`CrossEntropyLoss`); the Dice term is not weighted by it.
+            Default ``None``.
+        ignore_index: label whose voxels are excluded from both terms (zeroed in ``p`` and ``r``). Default
+            ``None``. When it is a class in ``[0, C)`` that class drops out of the Dice mean too.
+        epsilon: smoothing term ε > 0 of each class's Dice. Default ``1e-5`` (nnU-Net's).
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        weight: Sequence[float] | None = None,
+        ignore_index: int | None = None,
+        epsilon: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        for name, value in (("alpha", alpha), ("beta", beta)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+            raise ValueError(f"epsilon must be a finite number > 0 (it keeps 0/0 defined), got {epsilon!r}.")
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.epsilon = float(epsilon)
+        self.ce = CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
+        self.ignore_index = _check_ignore_index(ignore_index)
+
+    def _loss(self, logits: Tensor, target: Tensor, voxel_weight: Tensor | None) -> Tensor:
+        num_classes = logits.shape[1]
+        if num_classes < 2:
+            raise ValueError("dice_ce needs at least 2 output channels (background and one class).")
+        cross_entropy = self.ce(logits, target, voxel_weight)
+        labels, valid = _class_index_target(logits, target, self.ignore_index)
+        classes = torch.arange(num_classes, device=labels.device).view(1, -1, *([1] * (labels.dim() - 1)))
+        valid = valid.unsqueeze(1).to(torch.float32)
+        reference = (labels.unsqueeze(1) == classes).to(torch.float32) * valid
+        prediction = torch.softmax(logits, dim=1) * valid
+        sum_dims = [0, *range(2, logits.dim())]
+        intersection = (reference * prediction).sum(dim=sum_dims)[1:]
+        total = (reference + prediction).sum(dim=sum_dims)[1:]
+        dice = (2.0 * intersection + self.epsilon) / (total + self.epsilon)
+        foreground = torch.ones(num_classes - 1, dtype=torch.bool, device=dice.device)
+        if self.ignore_index is not None and 1 <= self.ignore_index < num_classes:
+            foreground[self.ignore_index - 1] = False
+        dice_loss = 1.0 - dice[foreground].mean() if bool(foreground.any()) else dice.sum() * 0.0
+        return self.alpha * cross_entropy + self.beta * dice_loss
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Regression losses (float targets, no final activation)
 # ---------------------------------------------------------------------------------------------------------------
@@ -795,6 +871,7 @@ def create_loss(
     ``bce``       :class:`BCELoss`                                binary           sigmoid
     ``dice``      :class:`GeneralizedDiceLoss` (softmax/sigmoid)  either           softmax/sigmoid
     ``bce_dice``  :class:`BCEDiceLoss`                            binary           sigmoid
+    ``dice_ce``   :class:`DiceCELoss` (nnU-Net)                   class-index      softmax
     ``mse``       :class:`MSELoss`                                float target     none
     ``l1``        :class:`L1Loss`                                 float target     none
     ``smooth_l1`` :class:`SmoothL1Loss`                           float target     none
@@ -806,7 +883,8 @@ def create_loss(
             ``False`` for binary per-channel masks (one 4D volume ``(C, D, H, W)`` per sample, sigmoid) and for the
             float targets of the regression losses (which refuse ``True``). Selects ``'softmax'`` or ``'sigmoid'``
             normalisation for ``dice`` and rules out mismatched losses.
-        weight: per-class (ce) or per-channel (bce, bce_dice, mse, l1, smooth_l1) weights, non-negative. Default
+        weight: per-class (ce, dice_ce: its CE term) or per-channel (bce, bce_dice, mse, l1, smooth_l1) weights,
+            non-negative. Default
             ``None``. Rejected
             for ``wce`` (weights come from the batch) and ``dice`` (weights come from the class volumes).
         ignore_index: label value excluded from the loss. Default ``None``. For binary labels it must not be 0 or 1;
@@ -857,6 +935,8 @@ def create_loss(
     if name == "dice":
         normalization = "softmax" if multiclass else "sigmoid"
         return GeneralizedDiceLoss(normalization=normalization, ignore_index=ignore_index)
+    if name == "dice_ce":
+        return DiceCELoss(weight=weight, ignore_index=ignore_index)
     return BCEDiceLoss(weight=weight, ignore_index=ignore_index)
 
 
@@ -864,7 +944,7 @@ def final_activation_name(name: str, *, multiclass: bool) -> str:
     """Return the activation (``'softmax'``, ``'sigmoid'`` or ``'none'``) that turns logits into the probabilities
     ``name`` models, or, for regression losses, ``'none'``: their output is used as it is.
 
-    ``ce``/``wce`` → ``'softmax'``; ``bce``/``bce_dice`` → ``'sigmoid'``; ``dice`` → ``'softmax'`` if
+    ``ce``/``wce``/``dice_ce`` → ``'softmax'``; ``bce``/``bce_dice`` → ``'sigmoid'``; ``dice`` → ``'softmax'`` if
     ``multiclass`` else ``'sigmoid'``; ``mse``/``l1``/``smooth_l1`` → ``'none'``.
 
     Args:

@@ -26,10 +26,11 @@ from .data.targets import MASKED
 from .errors import ConfigurationError
 from .losses import REGRESSION_LOSS_NAMES, apply_final_activation, create_loss, final_activation_name
 from .networks import DEFAULT_DROPOUT, build_network, patch_divisor, slice_wise
+from .networks.deep_supervision import DeepSupervision, downsample_target
 from .prediction.engine import inference_context
 from .regression import regression_metrics, update_regression_metrics
 
-LossName = Literal["ce", "wce", "bce", "dice", "bce_dice", "mse", "l1", "smooth_l1"]
+LossName = Literal["ce", "wce", "bce", "dice", "bce_dice", "dice_ce", "mse", "l1", "smooth_l1"]
 #: What a model is trained for, :attr:`UNet3DModule.task`: class probabilities / masks, or float values.
 Task = Literal["segmentation", "regression"]
 Architecture = Literal["unet", "residual_unet", "residual_se_unet"]
@@ -41,7 +42,7 @@ _METRIC_DIRECTIONS = (
     ("recall", "max"), ("ap", "max"), ("mse", "min"), ("mae", "min"), ("psnr", "max"), ("ssim", "max"),
 )
 # Losses whose label type is fixed by the loss itself; 'dice' works with both and learns it from the data.
-_MULTICLASS_BY_LOSS = {"ce": True, "wce": True, "bce": False, "bce_dice": False}
+_MULTICLASS_BY_LOSS = {"ce": True, "wce": True, "bce": False, "bce_dice": False, "dice_ce": True}
 
 
 class UNet3DModule(pl.LightningModule):
@@ -60,7 +61,8 @@ class UNet3DModule(pl.LightningModule):
         variant: layer details, ``"native"`` or ``"pytorch3dunet"`` (set by ``unet3d import-pytorch3dunet`` for
             models trained with pytorch-3dunet; keep it to fine-tune them). Default ``"native"``.
         loss: ``"ce"`` cross-entropy, ``"wce"`` Sudre's weighted cross-entropy, ``"bce"`` binary cross-entropy (4D
-            binary labels), ``"dice"`` Sudre's Generalized Dice, ``"bce_dice"`` BCE + Dice; or, for a regression
+            binary labels), ``"dice"`` Sudre's Generalized Dice, ``"bce_dice"`` BCE + Dice, ``"dice_ce"`` nnU-Net's soft
+            Dice (softmax, batch Dice, background excluded) + cross-entropy for class ids; or, for a regression
             (denoising, restoration) model trained on float targets, ``"mse"``, ``"l1"`` or ``"smooth_l1"`` (see
             :mod:`unet3d_lightning.losses`): such a model has no final activation, ``final_activation`` returns its
             raw output, and validation logs ``val/psnr`` and ``val/mse`` instead of Dice and IoU. Default ``"ce"``.
@@ -108,6 +110,12 @@ class UNet3DModule(pl.LightningModule):
             pytorch-3dunet's ``dropout_prob``: one value, or ``[first, second]`` for each block's two convolutions.
             Active in training only (no effect at prediction or validation). Default None: 0.1 where the layer order
             has such a letter; a value with no such letter is an error.
+        deep_supervision: train with auxiliary 1×1 heads on the decoder levels below full resolution, each level's
+            loss on the target downsampled to it (nearest voxel for class ids and weights, max-pooling for masks),
+            weights halving per level and normalised to sum 1 (nnU-Net; see
+            :mod:`unet3d_lightning.networks.deep_supervision`); ``train/loss`` is then that weighted sum. Only
+            training uses the heads: validation, prediction, export and the network's state dict are those of the
+            plain network. Needs ``num_levels >= 3``. Default False.
     """
 
     # The voxel size (z, y, x) of the training data, recorded in checkpoints under "voxel_size" (None: unknown); set
@@ -142,6 +150,7 @@ class UNet3DModule(pl.LightningModule):
         pool_kernel_size: int | list[int] | list[list[int]] = 2,
         conv_kernel_size: int | list[int] | list[list[int]] = 3,
         dropout: float | list[float] | None = None,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -159,6 +168,12 @@ class UNet3DModule(pl.LightningModule):
             )
         except ValueError as err:
             raise ConfigurationError(_model_message(err)) from None
+        try:
+            self.deep_supervision = (
+                DeepSupervision(self.net, out_channels, spatial_dims) if deep_supervision else None
+            )
+        except ValueError as err:
+            raise ConfigurationError(f"model.deep_supervision: {err}") from None
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -393,6 +408,7 @@ class UNet3DModule(pl.LightningModule):
                 state.update({k: _contiguous(v) for k, v in state.items()})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _match_deep_supervision_heads(self, checkpoint.get("state_dict"))
         # Resumed optimizer state (Adam's moments) takes the layout of the parameters it updates, so that the
         # optimizer keeps its fast path; load_state_dict already copies the weights into the network's layout.
         self.voxel_size = VoxelSize.from_dict(checkpoint.get("voxel_size")) or self.voxel_size
@@ -453,8 +469,29 @@ class UNet3DModule(pl.LightningModule):
         loss = self.loss_fn(logits, batch["label"], batch.get("weight"))
         return loss, logits
 
+    def _training_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The loss of the full-resolution output; with deep supervision, the weighted sum over the decoder levels
+        of the losses of their heads' logits against the target (and weights) downsampled to their size."""
+        if self.deep_supervision is None:
+            return self._loss(batch)[0]
+        with self.deep_supervision.capture(self.net) as features:
+            loss, _ = self._loss(batch)
+        batch_size, depth = batch["raw"].shape[0], batch["raw"].shape[2]
+        total = self.deep_supervision.weights[0] * loss
+        ignore = MASKED if self.instance_targets else self.hparams.ignore_index
+        for weight, logits in zip(self.deep_supervision.weights[1:], self.deep_supervision(features)):
+            if self.spatial_dims == 2:  # the slices of a 2D network come back as one batch of B * D images
+                logits = logits.reshape(batch_size, depth, *logits.shape[1:]).transpose(1, 2)
+            size = tuple(logits.shape[2:])
+            target = downsample_target(batch["label"], size, not self.multiclass, ignore)
+            voxel_weight = batch.get("weight")
+            if voxel_weight is not None:
+                voxel_weight = downsample_target(voxel_weight, size, False)
+            total = total + weight * self.loss_fn(logits.contiguous(), target, voxel_weight)
+        return total
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, _ = self._loss(batch)
+        loss = self._training_loss(batch)
         batch_size = batch["raw"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         self.train_loss.update(loss.detach(), weight=batch_size)
@@ -600,6 +637,20 @@ class UNet3DModule(pl.LightningModule):
                 "monitor": hp.lr_scheduler_monitor,
             },
         }
+
+
+def _match_deep_supervision_heads(module: UNet3DModule, state_dict: dict[str, Any] | None) -> None:
+    """Let a checkpoint with deep-supervision heads load into a model without them (prediction with
+    ``model.deep_supervision false``: the heads' weights are dropped) and one without into a model with them
+    (fine-tuning with deep supervision: the new heads keep their initial weights)."""
+    if state_dict is None:
+        return
+    prefix = "deep_supervision."
+    if module.deep_supervision is None:
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            del state_dict[key]
+    elif not any(k.startswith(prefix) for k in state_dict):
+        state_dict.update({f"{prefix}{k}": v for k, v in module.deep_supervision.state_dict().items()})
 
 
 def metric_mode(name: str) -> Literal["min", "max"] | None:

@@ -71,6 +71,8 @@ def check_patches_per_device(datamodule: Any, world_size: int) -> None:
     # filtered: this count is the most there can be.
     count = sum(len(datamodule._grid(v, v.spatial_shape, patch, stride, "train"))
                 for v in datamodule.volumes["train"])
+    if getattr(datamodule, "sampling", "grid") == "random" and datamodule.patches_per_epoch is not None:
+        count = datamodule.patches_per_epoch  # random positions: the epoch has as many as it is told
     if count < world_size:
         raise ConfigurationError(
             f"only {count} training patches for {world_size} devices; use smaller strides or fewer devices"

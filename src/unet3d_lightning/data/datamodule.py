@@ -18,12 +18,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigurationError
-from .datasets import Location, PatchDataset, PredictDataset, PredictionPlan, Shape3
+from .datasets import Location, PatchDataset, PredictDataset, PredictionPlan, RandomPatchDataset, Shape3
 from .io import MISSING_CHUNKS_POLICIES, MissingChunksPolicy, volume_format
 from .loader import PatchLoader, default_num_workers
 from .patches import padded_shape, patch_grid
 from .regression_targets import TARGET_NORMALIZATIONS, TargetNormalization
-from .sampling import ShardedSampler, keep_foreground_patches
+from .sampling import RandomLocations, ShardedSampler, class_locations, keep_foreground_patches
 from .resample import Resampling, model_grid_shape
 from .spacing import VoxelSize, common_voxel_size, mismatch_warning
 from .targets import LABEL_TRANSFORMS, LabelTransform, LabelTransformName, TargetOptions
@@ -140,6 +140,17 @@ class VolumeDataModule(pl.LightningDataModule):
             its data in the checkpoint; prediction warns about volumes of another voxel size (and resamples them
             with ``--prediction.rescale true``). See :mod:`~unet3d_lightning.data.spacing`. Default None: what each
             file records.
+        sampling: where training patches lie: ``"grid"``, every patch of the strided grid once per epoch (in a new
+            order each epoch), or ``"random"``, ``patches_per_epoch`` positions drawn anew each epoch from the
+            per-sample seeds (uniform over the volumes, then uniform where the patch fits, or centred on
+            foreground, see ``foreground_oversampling``); see
+            :class:`~unet3d_lightning.data.sampling.RandomLocations`. Both are seeded, resumable mid-epoch and
+            disjoint over DDP ranks. Default ``"grid"``.
+        patches_per_epoch: with ``sampling: random``, the patches of one epoch over all devices. Default None: as
+            many as the training grid has.
+        foreground_oversampling: with ``sampling: random``, the share of patches centred on a voxel of a random
+            foreground class present in the chosen volume (nnU-Net's 0.33); the classes' voxel positions are
+            found once per volume at setup (at most 10 000 kept per class). Default 0.0: every position uniform.
     """
 
     def __init__(
@@ -172,6 +183,9 @@ class VolumeDataModule(pl.LightningDataModule):
         missing_chunks: MissingChunksPolicy = "auto",
         target_normalization: TargetNormalization = "none",
         voxel_size: tuple[float, float, float] | None = None,
+        sampling: Literal["grid", "random"] = "grid",
+        patches_per_epoch: int | None = None,
+        foreground_oversampling: float = 0.0,
     ) -> None:
         super().__init__()
         if isinstance(augmentation, Mapping):  # as stored in a checkpoint's hyperparameters
@@ -203,6 +217,10 @@ class VolumeDataModule(pl.LightningDataModule):
                 f"data.target_normalization {target_normalization!r} is not one of {', '.join(TARGET_NORMALIZATIONS)}"
             )
         self.target_normalization = target_normalization
+        _check_sampling(sampling, patches_per_epoch, foreground_oversampling, min_foreground_fraction)
+        self.sampling = sampling
+        self.patches_per_epoch = patches_per_epoch
+        self.foreground_oversampling = float(foreground_oversampling)
         self.paths = {"train": train_paths, "val": val_paths, "test": test_paths, "predict": predict_paths}
         unknown = sorted(set(label_paths or {}) - {"train", "val", "test"})
         if unknown:
@@ -588,6 +606,8 @@ class VolumeDataModule(pl.LightningDataModule):
                 padded = padded_shape(shape, patch)
                 plans.append(PredictionPlan(volume, padded, self._grid(volume, padded, patch, stride, role), resampling))
             return PredictDataset(plans, self.normalization)
+        if role == "train" and self.sampling == "random":
+            return self._random_dataset(volumes, patch, stride)
         locations: list[Location] = []
         for v, volume in enumerate(volumes):
             grid = self._grid(volume, volume.spatial_shape, patch, stride, role)
@@ -611,6 +631,22 @@ class VolumeDataModule(pl.LightningDataModule):
         return PatchDataset(
             volumes, locations, self.normalization, transforms or None, label_transform=self.targets,
             ignore_label=spec["ignore_index"], target_normalization=self.target_normalization,
+        )
+
+    def _random_dataset(self, volumes: list[Volume], patch: Shape3, stride: Shape3) -> Dataset:
+        """``data.sampling: random``: positions drawn per sample; class locations found once per volume."""
+        ignore = self._model_spec()["ignore_index"]
+        locations = None
+        if self.foreground_oversampling > 0:
+            locations = [class_locations(v, ignore_index=ignore, seed=self.seed or 0) for v in volumes]
+        count = self.patches_per_epoch
+        if count is None:
+            count = sum(len(self._grid(v, v.spatial_shape, patch, stride, "train")) for v in volumes)
+        positions = RandomLocations([v.spatial_shape for v in volumes], patch, locations, self.foreground_oversampling)
+        transforms = self.augmentation.build()
+        return RandomPatchDataset(
+            volumes, positions, count, normalization=self.normalization, transforms=transforms or None,
+            label_transform=self.targets, ignore_label=ignore,
         )
 
     def _filter(self, volume: Volume, grid: list, patch: Shape3) -> list:
@@ -750,6 +786,28 @@ def _twice(entries: Any, role: str) -> str:
             return f"; data.{role}_paths lists {path} more than once, used once"
         seen.add(path.resolve())
     return ""
+
+
+def _check_sampling(
+    sampling: str, patches_per_epoch: int | None, foreground_oversampling: float, min_foreground_fraction: float | None
+) -> None:
+    """The settings of ``data.sampling`` agree among themselves (ConfigurationError naming the key otherwise)."""
+    if sampling not in ("grid", "random"):
+        raise ConfigurationError(f"data.sampling {sampling!r} is not one of grid, random")
+    if patches_per_epoch is not None and (isinstance(patches_per_epoch, bool) or patches_per_epoch < 1):
+        raise ConfigurationError(f"data.patches_per_epoch {patches_per_epoch} must be an integer >= 1")
+    if not 0 <= foreground_oversampling <= 1:
+        raise ConfigurationError(f"data.foreground_oversampling {foreground_oversampling} must be in [0, 1]")
+    if sampling == "grid" and (patches_per_epoch is not None or foreground_oversampling > 0):
+        key = "patches_per_epoch" if patches_per_epoch is not None else "foreground_oversampling"
+        raise ConfigurationError(
+            f"data.{key} applies to random patch positions; set data.sampling to random, or drop data.{key}"
+        )
+    if sampling == "random" and min_foreground_fraction is not None:
+        raise ConfigurationError(
+            "data.min_foreground_fraction filters the patch grid and does not apply to data.sampling random; use "
+            "data.foreground_oversampling (the share of patches centred on foreground) instead"
+        )
 
 
 def _shape(value: Sequence[int] | None, name: str) -> Shape3 | None:

@@ -99,7 +99,7 @@ class PatchDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = item if isinstance(item, tuple) else (item, index_seed(item))
         padding = isinstance(item, PaddingIndex)
-        v, slices = self.locations[index]
+        v, slices = self._location(index, seed)
         volume = self.volumes[v]
         raw = read_region(volume, self._files, "raw", slices, volume.raw_is_4d)
         # A region read from the file is a new buffer this call owns and may overwrite; an in-memory region is a
@@ -133,6 +133,28 @@ class PatchDataset(Dataset):
     def close(self) -> None:
         """Close the files this process opened for reading (they are reopened on the next read)."""
         self._files.close()
+
+    def _location(self, index: int, seed: int) -> Location:
+        return self.locations[index]
+
+
+class RandomPatchDataset(PatchDataset):
+    """``patches_per_epoch`` training patches at positions drawn from each sample's seed by ``positions`` (a
+    :class:`~unet3d_lightning.data.sampling.RandomLocations`): ``data.sampling: random``. Items are
+    ``(index, seed)`` as :class:`~unet3d_lightning.data.sampling.ShardedSampler` yields them; the index only counts
+    the epoch's positions. Samples are those of :class:`PatchDataset`."""
+
+    def __init__(self, volumes: Sequence[Volume], positions: Any, patches_per_epoch: int, **kwargs: Any) -> None:
+        super().__init__(volumes, [], **kwargs)
+        self.positions = positions
+        self.patches_per_epoch = int(patches_per_epoch)
+
+    def __len__(self) -> int:
+        return self.patches_per_epoch
+
+    def _location(self, index: int, seed: int) -> Location:
+        v, slices, _ = self.positions.locate(seed)
+        return v, slices
 
 
 def index_seed(index: int) -> int:

@@ -225,3 +225,136 @@ def keep_foreground_patches(
     rng = np.random.default_rng([seed, zlib.crc32(str(volume.path).encode())])
     keep_empty = rng.random(len(grid)) < keep_share
     return [s for s, f, k in zip(grid, fractions, keep_empty) if f >= min_fraction or k]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random patch positions with foreground oversampling (data.sampling: random)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: foreground coordinates kept per class and volume (a uniform random subsample of the class's voxels)
+CLASS_LOCATIONS_CAP = 10_000
+_LOCATION_STREAM = 0x5A4D_9E37  # mixes the sample seed into a stream of its own, apart from the augmentations'
+
+
+def class_locations(
+    volume: Volume,
+    ignore_index: int | None = None,
+    cap: int = CLASS_LOCATIONS_CAP,
+    seed: int = 0,
+    slab: int = 16,
+) -> dict[int, np.ndarray]:
+    """Where each foreground class of ``volume`` lies: class → ``(n, 3)`` int32 ``(z, y, x)`` voxel coordinates.
+
+    Classes are the label ids other than 0 and ``ignore_index`` (3D class-id or instance labels: instances count
+    as one class, 1), or for 4D binary masks each channel ``c`` as class ``c + 1`` where it is 1 (and no channel
+    equals ``ignore_index``). A class with more than ``cap`` voxels keeps a uniform random subsample of ``cap`` of
+    them (each voxel gets a random key, the ``cap`` smallest keys are kept; the same whatever ``slab``), so the
+    memory is ``O(cap)`` per class whatever the volume's size.
+    The labels are read in z-slabs of ``slab`` slices (read-only).
+
+    Args:
+        volume: a labelled volume.
+        ignore_index: label value that is never foreground. Default None.
+        cap: the most coordinates kept per class, ``>= 1``. Default :data:`CLASS_LOCATIONS_CAP` (10 000).
+        seed: seed of the subsample, with the volume's path. Default 0.
+        slab: z-slices read at a time. Default 16.
+    """
+    if volume.label_internal_path is None:
+        raise ConfigurationError(f"{volume.name}: data.foreground_oversampling needs labels")
+    # One key stream per class, drawn in the voxels' z-major order: the subsample does not depend on ``slab``.
+    path_key = zlib.crc32(str(volume.path).encode())
+    streams: dict[int, np.random.Generator] = {}
+    kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # class -> (coordinates, keys)
+    binary = volume.label_kind == "binary"
+    cache = FileCache()
+    try:
+        depth, height, width = volume.spatial_shape
+        for z0 in range(0, depth, slab):
+            zs = slice(z0, min(z0 + slab, depth))
+            label = read_region(volume, cache, "label", (zs, slice(None), slice(None)), binary)
+            if binary:
+                usable = (label != ignore_index).all(axis=0) if ignore_index is not None else None
+                masks = {c + 1: label[c] == 1 for c in range(label.shape[0])}
+                if usable is not None:
+                    masks = {c: m & usable for c, m in masks.items()}
+            else:
+                fg = label != 0
+                if ignore_index is not None:
+                    fg &= label != ignore_index
+                if volume.label_kind == "instances":
+                    masks = {1: fg}
+                else:
+                    masks = {int(c): label == c for c in np.unique(label[fg])}
+            for c, mask in masks.items():
+                coords = np.argwhere(mask).astype(np.int32)
+                if not len(coords):
+                    continue
+                coords[:, 0] += z0
+                rng = streams.setdefault(c, np.random.default_rng([seed, path_key, c]))
+                keys = rng.random(len(coords))
+                if c in kept:
+                    coords = np.concatenate([kept[c][0], coords])
+                    keys = np.concatenate([kept[c][1], keys])
+                if len(coords) > cap:
+                    smallest = np.argpartition(keys, cap - 1)[:cap]
+                    coords, keys = coords[smallest], keys[smallest]
+                kept[c] = (coords, keys)
+    finally:
+        cache.close()
+    return {c: kept[c][0][np.lexsort(kept[c][0].T[::-1])] for c in sorted(kept)}
+
+
+class RandomLocations:
+    """Patch positions drawn from each sample's seed: ``data.sampling: random`` with ``data.foreground_oversampling``.
+
+    For a sample seed ``s`` (drawn by :class:`ShardedSampler` per epoch and position, so positions are seeded,
+    resumable mid-epoch and disjoint over DDP ranks exactly as the grid's patches are), a generator seeded by
+    ``(s, stream)`` picks a volume uniformly, then with probability ``foreground_oversampling`` a foreground class
+    present in that volume (uniformly among its classes) and one of its voxels (uniformly among the
+    :func:`class_locations` kept), and centres the patch on it, shifted back inside the volume where the centre is
+    closer than half a patch to a border (the voxel stays in the patch); otherwise, or when the volume has no
+    foreground, a start uniform over every position where the patch fits. This follows nnU-Net's sampler (Isensee
+    et al., Nature Methods 2021: one third of the patches forced to contain foreground of a random class present).
+
+    Args:
+        shapes: the spatial shape of each volume.
+        patch: the patch shape; at most each volume's shape along every axis.
+        locations: per volume, :func:`class_locations` (``{}`` without foreground); None when
+            ``foreground_oversampling`` is 0.
+        foreground_oversampling: the share of patches centred on foreground, in ``[0, 1]``. Default 0.0.
+    """
+
+    def __init__(
+        self,
+        shapes: list[tuple[int, int, int]],
+        patch: tuple[int, int, int],
+        locations: list[dict[int, np.ndarray]] | None = None,
+        foreground_oversampling: float = 0.0,
+    ) -> None:
+        if not 0 <= foreground_oversampling <= 1:
+            raise ValueError(f"foreground_oversampling {foreground_oversampling} must be in [0, 1]")
+        if foreground_oversampling > 0 and (locations is None or len(locations) != len(shapes)):
+            raise ValueError("foreground_oversampling needs the class locations of every volume")
+        for shape in shapes:
+            if any(p > n for p, n in zip(patch, shape)):
+                raise ValueError(f"patch {list(patch)} does not fit a volume of shape {list(shape)}")
+        self.shapes = [tuple(int(n) for n in s) for s in shapes]
+        self.patch = tuple(int(p) for p in patch)
+        self.locations = locations
+        self.foreground_oversampling = float(foreground_oversampling)
+
+    def locate(self, seed: int) -> tuple[int, tuple[slice, slice, slice], bool]:
+        """The ``(volume index, patch slices, centred on foreground)`` of the sample with seed ``seed``."""
+        rng = np.random.default_rng([int(seed) % 2**64, _LOCATION_STREAM])
+        v = int(rng.integers(len(self.shapes)))
+        shape = self.shapes[v]
+        forced = bool(rng.random() < self.foreground_oversampling)
+        classes = self.locations[v] if forced and self.locations is not None else {}
+        if forced and classes:
+            cls = list(classes)[int(rng.integers(len(classes)))]
+            centre = classes[cls][int(rng.integers(len(classes[cls])))]
+            start = [min(max(int(c) - p // 2, 0), n - p) for c, p, n in zip(centre, self.patch, shape)]
+        else:
+            forced = False
+            start = [int(rng.integers(0, n - p + 1)) for p, n in zip(self.patch, shape)]
+        return v, tuple(slice(s, s + p) for s, p in zip(start, self.patch)), forced  # type: ignore[return-value]

@@ -289,6 +289,270 @@ class ElasticDeformation:
         )
 
 
+# --------------------------------------------------------------------------------------------------- nnU-Net-style
+# The spatial and intensity augmentations of nnU-Net (Isensee et al., "nnU-Net: a self-configuring method for deep
+# learning-based biomedical image segmentation", Nature Methods 18, 2021, Supplementary Note 4: rotation, scaling,
+# Gaussian noise and blur, brightness, contrast, simulated low resolution, gamma), each with its own probability.
+
+
+class RandomAffine:
+    """Random rotation by arbitrary angles and isotropic scaling, as one resampling of raw, label and weight.
+
+    Output voxel ``v`` reads the input at ``c + R^T (v - c) / s`` (``c`` the patch centre, coordinates in voxels),
+    clamped to the patch (edge values are repeated, never zeros invented): raw by trilinear interpolation
+    (``grid_sample``, ``align_corners=True``), label and weight at the nearest voxel (an exact index lookup, so class
+    ids are never blended and raw and labels are read at the same points). ``R`` rotates by ``θ_yx ~ U(±degrees)``
+    in the (y, x) plane and by ``θ_zx, θ_zy ~ U(±z_degrees)`` in the planes containing z (skipped on one-slice
+    patches); ``s ~ U(scale_range)`` magnifies (``s > 1``) or shrinks the content. Rotation and scaling are decided
+    separately (probabilities ``rotation_p``, ``scale_p``) and applied together when both happen; the random numbers
+    drawn do not depend on which do.
+
+    Args:
+        rotation_p: probability of a rotation, in ``[0, 1]``. Default 0.2 (nnU-Net's).
+        degrees: largest in-plane (y, x) rotation angle in degrees, ``>= 0``. Default 180.
+        z_degrees: largest angle of the rotations that tilt z into the plane, ``>= 0``. Default 0.0 (anisotropic
+            volumes, see :class:`RandomRotate90`); nnU-Net uses 30 for isotropic data.
+        scale_p: probability of a scaling, in ``[0, 1]``. Default 0.2 (nnU-Net's).
+        scale_range: ``(low, high)`` of the factor ``s``, ``0 < low <= high``. Default ``(0.7, 1.4)`` (nnU-Net's).
+    """
+
+    def __init__(
+        self,
+        rotation_p: float = 0.2,
+        degrees: float = 180.0,
+        z_degrees: float = 0.0,
+        scale_p: float = 0.2,
+        scale_range: Sequence[float] = (0.7, 1.4),
+    ) -> None:
+        self.rotation_p = _probability(rotation_p, "RandomAffine rotation_p")
+        self.degrees = _non_negative(degrees, "RandomAffine degrees")
+        self.z_degrees = _non_negative(z_degrees, "RandomAffine z_degrees")
+        self.scale_p = _probability(scale_p, "RandomAffine scale_p")
+        self.scale_range = _positive_range(scale_range, "RandomAffine scale_range")
+
+    def matrix(self, generator: torch.Generator, flat_z: bool = False) -> Tensor | None:
+        """The ``3 x 3`` map ``R^T / s`` from output to input offsets (``(z, y, x)`` order), or None for none."""
+        u = torch.rand(6, generator=generator, dtype=torch.float64).tolist()
+        rotate, scale = u[0] < self.rotation_p, u[1] < self.scale_p
+        if not (rotate or scale):
+            return None
+        matrix = torch.eye(3, dtype=torch.float64)
+        if rotate:
+            yx = math.radians(self.degrees * (2 * u[2] - 1))
+            zx, zy = (0.0, 0.0) if flat_z else (math.radians(self.z_degrees * (2 * v - 1)) for v in u[3:5])
+            for (a, b), angle in (((1, 2), yx), ((0, 2), zx), ((0, 1), zy)):
+                turn = torch.eye(3, dtype=torch.float64)
+                turn[a, a] = turn[b, b] = math.cos(angle)
+                turn[a, b], turn[b, a] = -math.sin(angle), math.sin(angle)
+                matrix = turn @ matrix
+            matrix = matrix.T
+        if scale:
+            low, high = self.scale_range
+            matrix = matrix / (low + (high - low) * u[5])
+        return matrix
+
+    def __call__(self, sample: Sample, generator: torch.Generator) -> Sample:
+        shape = _spatial_shape(sample)
+        matrix = self.matrix(generator, flat_z=shape[0] == 1)
+        if matrix is None:
+            return _unchanged(sample)
+        device = sample["raw"].device
+        grid = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape), indexing="ij"))
+        centre = torch.tensor([(n - 1) / 2 for n in shape], dtype=torch.float32).view(3, 1, 1, 1)
+        points = torch.einsum("ij,j...->i...", matrix.float(), grid - centre) + centre
+        coords = [points[a].clamp(0, n - 1).to(device) for a, n in enumerate(shape)]
+        return _resample(sample, coords, shape)
+
+    def __repr__(self) -> str:
+        return (
+            f"RandomAffine(rotation_p={self.rotation_p}, degrees={self.degrees}, z_degrees={self.z_degrees}, "
+            f"scale_p={self.scale_p}, scale_range={self.scale_range})"
+        )
+
+
+class RandomGamma:
+    """Gamma correction of the raw intensities, per channel within the patch's own range:
+    ``lo + (hi - lo) * ((x - lo) / (hi - lo)) ** γ`` with ``lo``, ``hi`` the channel's minimum and maximum in the
+    patch and ``γ ~ U(gamma_range)`` once per sample (a constant channel is left as it is). Raw only.
+
+    Args:
+        gamma_range: ``(low, high)`` of ``γ``, ``0 < low <= high``. Default ``(0.7, 1.5)`` (nnU-Net's).
+        p: probability per sample, in ``[0, 1]``. Default 0.3 (nnU-Net's).
+    """
+
+    def __init__(self, gamma_range: Sequence[float] = (0.7, 1.5), p: float = 0.3) -> None:
+        self.gamma_range = _positive_range(gamma_range, "RandomGamma gamma_range")
+        self.p = _probability(p, "RandomGamma p")
+
+    def __call__(self, sample: Sample, generator: torch.Generator) -> Sample:
+        raw = _raw(sample)
+        u_apply, u_gamma = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        if u_apply >= self.p:
+            return _unchanged(sample)
+        gamma = self.gamma_range[0] + (self.gamma_range[1] - self.gamma_range[0]) * u_gamma
+        flat = raw.reshape(raw.shape[0], -1)
+        low = flat.min(dim=1).values.view(-1, 1, 1, 1)
+        span = (flat.max(dim=1).values.view(-1, 1, 1, 1) - low)
+        safe = torch.where(span > 0, span, torch.ones_like(span))
+        out = _unchanged(sample)
+        out["raw"] = (low + safe * ((raw - low) / safe).clamp(0, 1) ** gamma).contiguous()
+        return out
+
+    def __repr__(self) -> str:
+        return f"RandomGamma(gamma_range={self.gamma_range}, p={self.p})"
+
+
+class RandomBrightnessContrast:
+    """Multiplicative brightness ``x * b``, then contrast ``(x - m) * k + m`` clipped to the channel's range before
+    it (``m`` the channel's mean in the patch), ``b ~ U(brightness_range)`` and ``k ~ U(contrast_range)`` once per
+    sample, each applied with its own probability. Raw only.
+
+    Args:
+        brightness_range: ``(low, high)`` of ``b``, ``0 < low <= high``. Default ``(0.75, 1.25)`` (nnU-Net's).
+        brightness_p: probability of the brightness change, in ``[0, 1]``. Default 0.15 (nnU-Net's).
+        contrast_range: ``(low, high)`` of ``k``, ``0 < low <= high``. Default ``(0.75, 1.25)`` (nnU-Net's).
+        contrast_p: probability of the contrast change, in ``[0, 1]``. Default 0.15 (nnU-Net's).
+    """
+
+    def __init__(
+        self,
+        brightness_range: Sequence[float] = (0.75, 1.25),
+        brightness_p: float = 0.15,
+        contrast_range: Sequence[float] = (0.75, 1.25),
+        contrast_p: float = 0.15,
+    ) -> None:
+        self.brightness_range = _positive_range(brightness_range, "RandomBrightnessContrast brightness_range")
+        self.brightness_p = _probability(brightness_p, "RandomBrightnessContrast brightness_p")
+        self.contrast_range = _positive_range(contrast_range, "RandomBrightnessContrast contrast_range")
+        self.contrast_p = _probability(contrast_p, "RandomBrightnessContrast contrast_p")
+
+    def __call__(self, sample: Sample, generator: torch.Generator) -> Sample:
+        raw = _raw(sample)
+        u_b, u_bv, u_c, u_cv = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+        brighten, contrast = u_b < self.brightness_p, u_c < self.contrast_p
+        if not (brighten or contrast):
+            return _unchanged(sample)
+        x = raw
+        if brighten:
+            x = x * (self.brightness_range[0] + (self.brightness_range[1] - self.brightness_range[0]) * u_bv)
+        if contrast:
+            k = self.contrast_range[0] + (self.contrast_range[1] - self.contrast_range[0]) * u_cv
+            flat = x.reshape(x.shape[0], -1)
+            mean = flat.mean(dim=1).view(-1, 1, 1, 1)
+            low, high = flat.min(dim=1).values.view(-1, 1, 1, 1), flat.max(dim=1).values.view(-1, 1, 1, 1)
+            x = torch.minimum(torch.maximum((x - mean) * k + mean, low), high)
+        out = _unchanged(sample)
+        out["raw"] = x.contiguous()
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"RandomBrightnessContrast(brightness_range={self.brightness_range}, brightness_p={self.brightness_p}, "
+            f"contrast_range={self.contrast_range}, contrast_p={self.contrast_p})"
+        )
+
+
+class GaussianBlur:
+    """Gaussian smoothing of the raw intensities with ``σ ~ U(sigma_range)`` voxels once per sample, the same along
+    every axis of more than one voxel: separable kernels of radius ``int(3σ + 0.5)``, normalised, with the edge
+    voxels repeated beyond the patch (as ``scipy.ndimage.gaussian_filter(mode="nearest", truncate=3)``). Raw only.
+
+    Args:
+        sigma_range: ``(low, high)`` of ``σ`` in voxels, ``0 < low <= high``. Default ``(0.5, 1.0)`` (nnU-Net's).
+        p: probability per sample, in ``[0, 1]``. Default 0.2 (nnU-Net's).
+    """
+
+    def __init__(self, sigma_range: Sequence[float] = (0.5, 1.0), p: float = 0.2) -> None:
+        self.sigma_range = _positive_range(sigma_range, "GaussianBlur sigma_range")
+        self.p = _probability(p, "GaussianBlur p")
+
+    def __call__(self, sample: Sample, generator: torch.Generator) -> Sample:
+        raw = _raw(sample)
+        u_apply, u_sigma = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        if u_apply >= self.p:
+            return _unchanged(sample)
+        sigma = self.sigma_range[0] + (self.sigma_range[1] - self.sigma_range[0]) * u_sigma
+        radius = int(3.0 * sigma + 0.5)
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        kernel = (kernel / kernel.sum()).to(raw.dtype).to(raw.device)
+        x = raw[None]
+        channels = raw.shape[0]
+        for axis in range(3):
+            size = raw.shape[1 + axis]
+            if size == 1 or radius == 0:
+                continue
+            view = [1, 1, 1]
+            view[axis] = kernel.numel()
+            pad = [0, 0, 0, 0, 0, 0]
+            pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
+            weight = kernel.view(1, 1, *view).expand(channels, 1, *view)
+            x = F.conv3d(F.pad(x, pad, mode="replicate"), weight, groups=channels)
+        out = _unchanged(sample)
+        out["raw"] = x[0].contiguous()
+        return out
+
+    def __repr__(self) -> str:
+        return f"GaussianBlur(sigma_range={self.sigma_range}, p={self.p})"
+
+
+class SimulateLowResolution:
+    """Simulated low resolution: the raw patch is shrunk by ``zoom ~ U(zoom_range)`` along every axis of more than
+    one voxel (nearest-neighbour, to ``max(1, round(n * zoom))`` voxels) and enlarged back (trilinear,
+    ``align_corners=False``), once per sample; fine detail is lost as in a coarser acquisition. Raw only.
+
+    Args:
+        zoom_range: ``(low, high)`` of ``zoom``, ``0 < low <= high <= 1``. Default ``(0.5, 1.0)`` (nnU-Net's).
+        p: probability per sample, in ``[0, 1]``. Default 0.25 (nnU-Net's).
+    """
+
+    def __init__(self, zoom_range: Sequence[float] = (0.5, 1.0), p: float = 0.25) -> None:
+        self.zoom_range = _positive_range(zoom_range, "SimulateLowResolution zoom_range")
+        if self.zoom_range[1] > 1:
+            raise ConfigurationError(
+                f"SimulateLowResolution zoom_range {self.zoom_range} must lie in (0, 1]: it shrinks the patch"
+            )
+        self.p = _probability(p, "SimulateLowResolution p")
+
+    def __call__(self, sample: Sample, generator: torch.Generator) -> Sample:
+        raw = _raw(sample)
+        u_apply, u_zoom = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        if u_apply >= self.p:
+            return _unchanged(sample)
+        zoom = self.zoom_range[0] + (self.zoom_range[1] - self.zoom_range[0]) * u_zoom
+        shape = tuple(raw.shape[1:])
+        small = tuple(n if n == 1 else max(1, round(n * zoom)) for n in shape)
+        low = F.interpolate(raw[None], size=small, mode="nearest")
+        out = _unchanged(sample)
+        out["raw"] = F.interpolate(low, size=shape, mode="trilinear", align_corners=False)[0].contiguous()
+        return out
+
+    def __repr__(self) -> str:
+        return f"SimulateLowResolution(zoom_range={self.zoom_range}, p={self.p})"
+
+
+def _resample(sample: Sample, coords: list[Tensor], shape: tuple[int, int, int]) -> Sample:
+    """Raw read trilinearly, label and weight at the nearest voxel, at the (clamped) points ``coords`` (z, y, x)."""
+    raw = sample["raw"]
+    normalised = [c * (2.0 / (n - 1)) - 1 if n > 1 else torch.zeros_like(c) for c, n in zip(coords, shape)]
+    grid = torch.stack(normalised[::-1], dim=-1)[None].to(raw.dtype)
+    out = _unchanged(sample)
+    out["raw"] = F.grid_sample(raw[None], grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    out["raw"] = out["raw"].contiguous()
+    zi, yi, xi = (c.round().long() for c in coords)
+    for key in ("label", "weight"):
+        if key in sample:
+            out[key] = sample[key][..., zi, yi, xi].contiguous()
+    return out
+
+
+def _positive_range(values: Sequence[float], what: str) -> tuple[float, float]:
+    low, high = _range(values, what)
+    if low <= 0:
+        raise ConfigurationError(f"{what} {values!r} must hold numbers > 0")
+    return low, high
+
+
 class Compose:
     """Apply transforms in order, all drawing from the same generator.
 
@@ -340,6 +604,32 @@ class Augmentation:
         elastic_z_magnitude: largest z displacement of the warp, in voxels, ``>= 0``. Default 1.0 (z is usually
             sampled more coarsely).
         elastic_spacing: largest distance in voxels between the warp's control points, ``>= 1``. Default 16.
+
+    The augmentations of nnU-Net (Isensee et al., Nature Methods 2021), each off at probability 0 (the default, so
+    that earlier settings train as before) and on with nnU-Net's values listed in the README's recipe:
+
+        rotation_p: probability of a rotation by an arbitrary angle (:class:`RandomAffine`, one trilinear
+            resampling of raw, labels and weights read at the nearest voxel, together with the scaling). Default 0.0.
+        rotation_degrees: largest (y, x) rotation angle, in degrees. Default 180.0.
+        rotation_z_degrees: largest angle of the rotations tilting z into the plane (for isotropic data), in
+            degrees. Default 0.0.
+        scale_p: probability of an isotropic scaling by ``s ~ U(scale_range)`` (:class:`RandomAffine`). Default 0.0.
+        scale_range: ``(low, high)`` of ``s``, ``0 < low <= high``. Default ``(0.7, 1.4)``.
+        gamma_p: probability of a gamma correction within the patch's range (:class:`RandomGamma`). Default 0.0.
+        gamma_range: ``(low, high)`` of ``γ``. Default ``(0.7, 1.5)``.
+        brightness_p: probability of a multiplicative brightness change (:class:`RandomBrightnessContrast`).
+            Default 0.0.
+        brightness_range: ``(low, high)`` of the factor. Default ``(0.75, 1.25)``.
+        contrast_p: probability of a contrast change around the patch's mean (:class:`RandomBrightnessContrast`).
+            Default 0.0.
+        contrast_range: ``(low, high)`` of the factor. Default ``(0.75, 1.25)``.
+        blur_p: probability of a Gaussian blur (:class:`GaussianBlur`). Default 0.0.
+        blur_sigma: ``(low, high)`` of its ``σ`` in voxels. Default ``(0.5, 1.0)``.
+        low_resolution_p: probability of a simulated low resolution (:class:`SimulateLowResolution`). Default 0.0.
+        low_resolution_zoom: ``(low, high)`` of its zoom factor, in ``(0, 1]``. Default ``(0.5, 1.0)``.
+
+    Order: elastic warp, rotation/scaling, flips, 90° rotations, intensity change, noise, blur, brightness/contrast,
+    low resolution, gamma.
     """
 
     flip: bool = True
@@ -352,6 +642,21 @@ class Augmentation:
     elastic_magnitude: float = 3.0
     elastic_z_magnitude: float = 1.0
     elastic_spacing: int = 16
+    rotation_p: float = 0.0
+    rotation_degrees: float = 180.0
+    rotation_z_degrees: float = 0.0
+    scale_p: float = 0.0
+    scale_range: tuple[float, float] = (0.7, 1.4)
+    gamma_p: float = 0.0
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    brightness_p: float = 0.0
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    contrast_p: float = 0.0
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    low_resolution_p: float = 0.0
+    low_resolution_zoom: tuple[float, float] = (0.5, 1.0)
 
     def __post_init__(self) -> None:
         # Config parsers hand over lists for tuple fields; normalise so equality and repr are stable.
@@ -368,6 +673,17 @@ class Augmentation:
         spacing = self.elastic_spacing
         if isinstance(spacing, bool) or not isinstance(spacing, int) or spacing < 1:
             raise ConfigurationError(f"data.augmentation.elastic_spacing {spacing!r} must be an integer of at least 1")
+        for name in ("rotation_p", "scale_p", "gamma_p", "brightness_p", "contrast_p", "blur_p", "low_resolution_p"):
+            setattr(self, name, _probability(getattr(self, name), f"data.augmentation.{name}"))
+        for name in ("rotation_degrees", "rotation_z_degrees"):
+            setattr(self, name, _non_negative(getattr(self, name), f"data.augmentation.{name}"))
+        for name in ("scale_range", "gamma_range", "brightness_range", "contrast_range", "blur_sigma",
+                     "low_resolution_zoom"):
+            setattr(self, name, _positive_range(getattr(self, name), f"data.augmentation.{name}"))
+        if self.low_resolution_zoom[1] > 1:
+            raise ConfigurationError(
+                f"data.augmentation.low_resolution_zoom {self.low_resolution_zoom} must lie in (0, 1]: it shrinks"
+            )
 
     def build(self, interpolate_label: bool = False) -> Compose:
         """The transform pipeline these settings describe; an empty :class:`Compose` when everything is off.
@@ -382,6 +698,10 @@ class Augmentation:
                 self.elastic_magnitude, self.elastic_z_magnitude, self.elastic_spacing,
                 interpolate_label=interpolate_label,
             ))
+        if self.rotation_p > 0 or self.scale_p > 0:
+            transforms.append(RandomAffine(
+                self.rotation_p, self.rotation_degrees, self.rotation_z_degrees, self.scale_p, self.scale_range
+            ))
         if self.flip:
             transforms.append(RandomFlip())
         if self.rotate90:
@@ -390,6 +710,16 @@ class Augmentation:
             transforms.append(RandomIntensity(self.intensity_scale, self.intensity_shift))
         if self.noise_sigma > 0:
             transforms.append(GaussianNoise(self.noise_sigma))
+        if self.blur_p > 0:
+            transforms.append(GaussianBlur(self.blur_sigma, self.blur_p))
+        if self.brightness_p > 0 or self.contrast_p > 0:
+            transforms.append(RandomBrightnessContrast(
+                self.brightness_range, self.brightness_p, self.contrast_range, self.contrast_p
+            ))
+        if self.low_resolution_p > 0:
+            transforms.append(SimulateLowResolution(self.low_resolution_zoom, self.low_resolution_p))
+        if self.gamma_p > 0:
+            transforms.append(RandomGamma(self.gamma_range, self.gamma_p))
         return Compose(transforms)
 
 
