@@ -270,6 +270,8 @@ class UNet3DCLI(LightningCLI):
                 subcommands.add_subcommand(
                     "import-pytorch3dunet", ArgumentParser(description=description), help=description
                 )
+                description = "Whole-volume metrics of predictions against labels (unet3d evaluate --help)."
+                subcommands.add_subcommand("evaluate", ArgumentParser(description=description), help=description)
 
     def before_instantiate_classes(self) -> None:
         """Fail fast, before any model, data or checkpoint is loaded, on mistakes visible in the config."""
@@ -554,6 +556,11 @@ def main(args: list[str] | None = None) -> None:
             from .importers import main as import_main
 
             return import_main(argv[1:])
+        if argv and argv[0] == "evaluate":
+            # Not a Lightning run either: whole-volume metrics of written predictions (see evaluate.py).
+            from .evaluate import main as evaluate_main
+
+            return evaluate_main(argv[1:])
         return _run(args)
     finally:
         checkpoints.forget()  # the next run in this process reads its checkpoints afresh
