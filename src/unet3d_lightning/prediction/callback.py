@@ -88,6 +88,10 @@ class PredictionWriter(Callback):
             blockwise from the written ``predictions`` (e.g. PlantSeg, elf, daisy/lsd). Default False.
         watershed: settings of that watershed (threshold, seed smoothing and spacing, minimum size, memory limit);
             see :class:`~unet3d_lightning.instances.WatershedOptions`. Default ``WatershedOptions()``.
+        ensemble: more checkpoints (``.ckpt`` of ``unet3d fit``) whose probabilities are averaged with the
+            ``--ckpt_path`` model's, patch by patch in the same pass (with ``tta``: each model's flip average, then
+            the mean); they must agree with it on channels, label type, targets and normalisation (see
+            :mod:`~unet3d_lightning.prediction.ensemble`). Default None: the one model.
 
     Example::
 
@@ -108,6 +112,7 @@ class PredictionWriter(Callback):
         format: Literal["hdf5", "zarr"] = "hdf5",
         instances: bool = False,
         watershed: WatershedOptions = WatershedOptions(),
+        ensemble: list[str] | None = None,
     ) -> None:
         if blend not in ("average", "gaussian"):
             raise ConfigurationError(f"prediction.blend {blend!r} is not one of average, gaussian")
@@ -136,6 +141,9 @@ class PredictionWriter(Callback):
         self.format = format
         self.instances = instances
         self.watershed = WatershedOptions(**watershed) if isinstance(watershed, dict) else watershed
+        if isinstance(ensemble, str):
+            ensemble = [ensemble]
+        self.ensemble = [str(path) for path in ensemble] if ensemble else []
         self.written: list[Path] = []
         self._created: list[Path] = []  # directories this run created, removed again if it fails
         self._reset()
@@ -180,6 +188,10 @@ class PredictionWriter(Callback):
         self._targets = self._check_instances(plans, pl_module) if self.instances else None
         self._plans = list(plans)
         pl_module.predict_tta = self.tta
+        if self.ensemble:
+            from .ensemble import load_members
+
+            pl_module.predict_members = load_members(self.ensemble, pl_module, getattr(trainer, "datamodule", None))
         self._start = time.perf_counter()
         # Rank r receives dataset items r, r + W, ... (the datamodule's sampler); count this rank's share per volume
         # for the progress bars.
@@ -225,6 +237,7 @@ class PredictionWriter(Callback):
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.predict_tta = False
+        pl_module.predict_members = []
         self._created = []  # the run succeeded: its directories stay
         self._close_pool()
         if trainer.is_global_zero and self.written:
@@ -247,6 +260,7 @@ class PredictionWriter(Callback):
         if self._bar is not None:
             self._bar.close()
         pl_module.predict_tta = False
+        pl_module.predict_members = []
         self._close_pool()
         self._reset()
         remove_created_dirs(self._created)  # as far as they are empty: volumes finished before the failure stay
