@@ -64,7 +64,8 @@ def two_cases(tmp_path):
     return tmp_path, labels, predicted
 
 
-def test_report_json_and_csv_hold_the_metrics_of_monai(two_cases, capsys):
+def test_report_json_and_csv_hold_the_metrics_of_monai(two_cases, capsys, monkeypatch):
+    monkeypatch.setattr("unet3d_lightning.evaluate.SLAB_VOXELS", 3 * 20 * 22 * 3)  # z-slabs of 3 rows: 4 slabs
     root, labels, predicted = two_cases
     report = root / "results" / "report.json"
     main(["evaluate", "--prediction_paths", str(root / "out"), "--label_paths", f"[{root / 'labels'}]",
@@ -94,7 +95,8 @@ def test_report_json_and_csv_hold_the_metrics_of_monai(two_cases, capsys):
     assert "case_b" in printed and "surface_dice" in printed and "mean" in printed
 
 
-def test_instances_are_scored_with_arand_and_ap(tmp_path, capsys):
+def test_instances_are_scored_with_arand_and_ap(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("unet3d_lightning.evaluate.SLAB_VOXELS", 2 * 16 * 16)  # z-slabs of 2 rows
     from skimage.metrics import adapted_rand_error
 
     truth = np.zeros((6, 16, 16), np.int32)

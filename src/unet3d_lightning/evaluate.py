@@ -203,8 +203,19 @@ def _scale_of(array: Any) -> float:
     return 255.0 if np.dtype(array.dtype) == np.uint8 else 1.0
 
 
-class _Side:
-    """How one file's array becomes class ids ``(d, h, w)`` or masks ``(C, d, h, w)`` for a region."""
+class Side:
+    """How one array (a file's dataset, or a numpy array) becomes class ids ``(d, h, w)`` or masks
+    ``(C, d, h, w)`` for a region.
+
+    Args:
+        array: the array, ``(D, H, W)`` or ``(C, D, H, W)``, read by slices.
+        how: ``"ids"`` (class ids as stored), ``"foreground"`` (instance ids: 1 for objects, -1 for ignored negative
+            ids), ``"argmax"`` (over channels), ``"threshold_ids"`` (one channel: 1 above the threshold), ``"masks"``
+            (stored masks, > 0) or ``"threshold"`` (per-channel masks above the threshold).
+        where: how error messages name the array.
+        threshold: probability threshold. Default 0.5.
+        scale: stored value of probability 1 (255 for uint8 predictions). Default 1.
+    """
 
     def __init__(self, array: Any, how: str, where: str, threshold: float = 0.5, scale: float = 1.0) -> None:
         self.array, self.how, self.where = array, how, where
@@ -239,7 +250,7 @@ class _Side:
         return block > self.threshold * self.scale  # "threshold": per-channel masks of probabilities
 
 
-def _prediction_side(file: Any, path: Path, key: str | None, mode: str, threshold: float) -> _Side:
+def _prediction_side(file: Any, path: Path, key: str | None, mode: str, threshold: float) -> Side:
     """The prediction's array read as class ids (``mode`` "ids") or masks (``mode`` "masks")."""
     single = getattr(file, "format", "") in SINGLE_ARRAY_FORMATS
     if key is not None or single:
@@ -270,19 +281,19 @@ def _prediction_side(file: Any, path: Path, key: str | None, mode: str, threshol
             if ndim != 4:
                 raise ConfigurationError(f"{where} holds class ids {tuple(array.shape)} but the labels are "
                                          "(C, D, H, W) masks; give a per-channel (sigmoid) model's output")
-            return _Side(array, "masks", where)
+            return Side(array, "masks", where)
         if ndim == 4 and array.shape[0] != 1:
             raise ConfigurationError(f"{where} holds {array.shape[0]} masks but the labels are class ids (D, H, W); "
                                      "give (C, D, H, W) mask labels or a softmax model's output")
         if ndim == 4:
-            return _Side(array, "threshold_ids", where, threshold=0.5, scale=1.0)
-        return _Side(array, "ids", where)
+            return Side(array, "threshold_ids", where, threshold=0.5, scale=1.0)
+        return Side(array, "ids", where)
     if ndim != 4:
         raise ConfigurationError(f"{where} has shape {tuple(array.shape)}; probabilities are (C, D, H, W)")
     scale = _scale_of(array)
     if mode == "masks":
-        return _Side(array, "threshold", where, threshold, scale)
-    return _Side(array, "threshold_ids" if array.shape[0] == 1 else "argmax", where, threshold, scale)
+        return Side(array, "threshold", where, threshold, scale)
+    return Side(array, "threshold_ids" if array.shape[0] == 1 else "argmax", where, threshold, scale)
 
 
 def _slabs(depth: int, rows: int) -> list[slice]:
@@ -318,12 +329,12 @@ def evaluate_pair(
             if len(label_array.shape) != 3:
                 raise ConfigurationError(f"{label_where} has shape {tuple(label_array.shape)}; instance metrics "
                                          "need (D, H, W) instance ids")
-            label = _Side(label_array, "foreground", label_where)
-            prediction = _Side(instances, "foreground", f"prediction {pair.prediction}: dataset 'instances'")
+            label = Side(label_array, "foreground", label_where)
+            prediction = Side(instances, "foreground", f"prediction {pair.prediction}: dataset 'instances'")
             mode = "ids"
         else:
             mode = "masks" if len(label_array.shape) == 4 else "ids"
-            label = _Side(label_array, "masks" if mode == "masks" else "ids", label_where)
+            label = Side(label_array, "masks" if mode == "masks" else "ids", label_where)
             prediction = _prediction_side(pred_file, pair.prediction, prediction_key, mode, threshold)
         if label.spatial_shape != prediction.spatial_shape:
             raise ConfigurationError(
@@ -348,72 +359,98 @@ def evaluate_pair(
                 size, source = (1.0, 1.0, 1.0), "default (1 per axis)"
             else:
                 size, unit = found
-        depth, height, width = label.spatial_shape
-        rows = max(1, SLAB_VOXELS // max(1, height * width * max(prediction.channels or 1, label.channels or 1)))
-        whole = (slice(None), slice(None))
-        counts = ConfusionCounts(ignore_index=ignore_index)
-        boxes = BoundingBoxes()
-        tp = fp = fn = None
-        objects = InstanceCounts() if instances is not None else None
-        truth_where = label_where
-        for zs in _slabs(depth, rows):
-            region = (zs, *whole)
-            lab, pred = label.read(region), prediction.read(region)
-            if mode == "masks":
-                both = (lab & pred).sum(axis=(1, 2, 3))
-                tp = both if tp is None else tp + both
-                fp = (pred.sum(axis=(1, 2, 3)) - both) if fp is None else fp + pred.sum(axis=(1, 2, 3)) - both
-                fn = (lab.sum(axis=(1, 2, 3)) - both) if fn is None else fn + lab.sum(axis=(1, 2, 3)) - both
-                for c in range(lab.shape[0]):
-                    boxes.add(c, lab[c] | pred[c], zs.start)
-                continue
+        return {
+            "prediction": str(pair.prediction), "label": str(pair.label), "voxel_size": list(size), "unit": unit,
+            "voxel_size_from": source,
+            **score_volume(label, prediction, mode, size, tolerance, include_background, ignore_index,
+                           truth=label_array if instances is not None else None, instances=instances),
+        }
+
+
+def score_volume(
+    label: Side,
+    prediction: Side,
+    mode: str,
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    tolerance: float = 1.0,
+    include_background: bool = False,
+    ignore_index: int | None = None,
+    truth: Any = None,
+    instances: Any = None,
+) -> dict[str, Any]:
+    """``{"classes": {id: {metric: value}}, ["instances": {metric: value}]}`` of one volume.
+
+    Args:
+        label, prediction: the two sides, as class ids (``mode`` ``"ids"``) or masks (``"masks"``).
+        mode: ``"ids"`` or ``"masks"``.
+        voxel_size, tolerance, include_background, ignore_index: as the command's flags.
+        truth, instances: the instance ids of the label and of the prediction (arrays read by slices), for the
+            instance metrics. Default None: none.
+    """
+    size = tuple(float(v) for v in voxel_size)
+    label_where = label.where
+    depth, height, width = label.spatial_shape
+    rows = max(1, SLAB_VOXELS // max(1, height * width * max(prediction.channels or 1, label.channels or 1)))
+    whole = (slice(None), slice(None))
+    counts = ConfusionCounts(ignore_index=ignore_index)
+    boxes = BoundingBoxes()
+    tp = fp = fn = None
+    objects = InstanceCounts() if instances is not None else None
+    for zs in _slabs(depth, rows):
+        region = (zs, *whole)
+        lab, pred = label.read(region), prediction.read(region)
+        if mode == "masks":
+            both = (lab & pred).sum(axis=(1, 2, 3))
+            tp = both if tp is None else tp + both
+            fp = (pred.sum(axis=(1, 2, 3)) - both) if fp is None else fp + pred.sum(axis=(1, 2, 3)) - both
+            fn = (lab.sum(axis=(1, 2, 3)) - both) if fn is None else fn + lab.sum(axis=(1, 2, 3)) - both
+            for c in range(lab.shape[0]):
+                boxes.add(c, lab[c] | pred[c], zs.start)
+            continue
+        try:
+            counts.update(lab, pred)
+        except ValueError as err:
+            raise ConfigurationError(f"{label_where} against {prediction.where}: {err}") from None
+        known = counts.known(lab)
+        for c in np.union1d(np.unique(lab), np.unique(pred)).tolist():
+            mask = (lab == c) | (pred == c)
+            boxes.add(int(c), mask if known is None else mask & known, zs.start)
+        if objects is not None:
+            truth_block = _read_raw(truth, region, label_where)
+            found_instances = _read_raw(instances, region, prediction.where)
             try:
-                counts.update(lab, pred)
+                objects.update(truth_block, found_instances)
             except ValueError as err:
                 raise ConfigurationError(f"{label_where} against {prediction.where}: {err}") from None
-            known = counts.known(lab)
-            for c in np.union1d(np.unique(lab), np.unique(pred)).tolist():
-                mask = (lab == c) | (pred == c)
-                boxes.add(int(c), mask if known is None else mask & known, zs.start)
-            if objects is not None:
-                truth = _read_raw(label_array, region, truth_where)
-                found_instances = _read_raw(instances, region, prediction.where)
-                try:
-                    objects.update(truth, found_instances)
-                except ValueError as err:
-                    raise ConfigurationError(f"{label_where} against {prediction.where}: {err}") from None
-        classes: dict[str, dict[str, float]] = {}
+    classes: dict[str, dict[str, float]] = {}
+    if mode == "masks":
+        ids = list(range(label.channels or 0))
+    else:
+        ids = [c for c in counts.classes() if (include_background or c != 0) and c != ignore_index]
+    for c in ids:
         if mode == "masks":
-            ids = list(range(label.channels or 0))
+            dice, iou = overlap_scores(int(tp[c]), int(fp[c]), int(fn[c]))
         else:
-            ids = [c for c in counts.classes() if (include_background or c != 0) and c != ignore_index]
-        for c in ids:
+            dice, iou = overlap_scores(*counts.tp_fp_fn(c))
+        box = boxes.slices(c)
+        if box is None:
+            distances = distance_scores(np.zeros((1, 1, 1), bool), np.zeros((1, 1, 1), bool))
+        else:
+            lab, pred = label.read(box), prediction.read(box)
             if mode == "masks":
-                dice, iou = overlap_scores(int(tp[c]), int(fp[c]), int(fn[c]))
+                lab_mask, pred_mask = lab[c], pred[c]
             else:
-                dice, iou = overlap_scores(*counts.tp_fp_fn(c))
-            box = boxes.slices(c)
-            if box is None:
-                distances = distance_scores(np.zeros((1, 1, 1), bool), np.zeros((1, 1, 1), bool))
-            else:
-                lab, pred = label.read(box), prediction.read(box)
-                if mode == "masks":
-                    lab_mask, pred_mask = lab[c], pred[c]
-                else:
-                    known = counts.known(lab)
-                    lab_mask, pred_mask = lab == c, pred == c
-                    if known is not None:
-                        lab_mask &= known
-                        pred_mask &= known
-                distances = distance_scores(pred_mask, lab_mask, size, tolerance)
-            classes[str(c)] = {"dice": dice, "iou": iou, **distances}
-        result: dict[str, Any] = {
-            "prediction": str(pair.prediction), "label": str(pair.label), "voxel_size": list(size), "unit": unit,
-            "voxel_size_from": source, "classes": classes,
-        }
-        if objects is not None:
-            result["instances"] = instance_scores(objects)
-        return result
+                known = counts.known(lab)
+                lab_mask, pred_mask = lab == c, pred == c
+                if known is not None:
+                    lab_mask &= known
+                    pred_mask &= known
+            distances = distance_scores(pred_mask, lab_mask, size, tolerance)
+        classes[str(c)] = {"dice": dice, "iou": iou, **distances}
+    result: dict[str, Any] = {"classes": classes}
+    if objects is not None:
+        result["instances"] = instance_scores(objects)
+    return result
 
 
 def _read_raw(array: Any, region: tuple[slice, slice, slice], where: str) -> np.ndarray:
