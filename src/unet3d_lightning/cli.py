@@ -155,6 +155,11 @@ class UNet3DCLI(LightningCLI):
         )
         parser.add_lightning_class_args(ValidationImages, "image_logger")
         parser.add_lightning_class_args(PredictionWriter, "prediction")
+        parser.add_argument(
+            "--whole_volume", type=bool, default=False,
+            help="validate/test: also predict every volume whole (stitched) and log the metrics of unet3d evaluate "
+            "as val/whole/<metric> (test/whole/...): dice, iou, hd95, assd, surface_dice (see whole_volume.py)",
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # --print_config waits until the settings are complete: a run from a checkpoint takes its model and
@@ -282,6 +287,8 @@ class UNet3DCLI(LightningCLI):
         config = self.config[sub]
         ckpt_path = config.get("ckpt_path")
         check_accelerator(config.trainer.get("accelerator"))
+        if config.get("whole_volume") and sub not in ("validate", "test"):
+            raise ConfigurationError(f"whole_volume is a setting of validate and test, not of {sub}; drop it here")
         if sub == "fit":
             self._adapt_to_no_validation(config)
         self._resolve_modes(config)
@@ -474,6 +481,10 @@ class UNet3DCLI(LightningCLI):
                 )
             if self._no_validation == NO_VAL_PATHS:
                 kwargs["limit_val_batches"] = 0  # nothing to validate on: no sanity check, no empty loader
+        if self.subcommand in ("validate", "test") and self.config[self.subcommand].get("whole_volume"):
+            from .whole_volume import WholeVolumeMetrics
+
+            callbacks.append(WholeVolumeMetrics())
         if self.subcommand == "predict":
             kwargs.setdefault("logger", False)  # prediction logs nothing; a logger would only leave empty run dirs
         if trainer_config.get("benchmark") is None and not trainer_config.get("deterministic"):
