@@ -34,8 +34,9 @@ the one the label file records (then the prediction's; readers that record voxel
 
 Memory: the volumes are read in z-slabs of about ``SLAB_VOXELS`` voxels for the counts (Dice, IoU, the instance
 overlaps); the surface metrics of a class read the class's bounding box (the union of its label and predicted voxels)
-and need about 40 bytes per voxel of it; the instance metrics keep 16 bytes per overlapping (object, instance) pair.
-The background class, with ``--include_background``, spans the whole volume.
+z-slab by z-slab (with one row of halo) and keep only the class's surface voxels, about 100 bytes each (k-d trees of
+the surfaces); the instance metrics keep 16 bytes per overlapping (object, instance) pair. The background class, with
+``--include_background``, spans the whole volume.
 
 Output: a table on stdout; with ``--output report.json``, the report as JSON (``volumes -> name -> classes -> id ->
 metric``, ``volumes -> name -> instances -> metric``, ``mean`` likewise; nan is written as null, infinity as
@@ -71,6 +72,8 @@ from .metrics import (
     mean_scores,
     overlap_scores,
     plain_number,
+    surface_points,
+    surface_scores,
 )
 
 # Voxels per z-slab read for the counts (a few arrays of this many int64 values live at a time: about 200 MB).
@@ -436,21 +439,36 @@ def score_volume(
         if box is None:
             distances = distance_scores(np.zeros((1, 1, 1), bool), np.zeros((1, 1, 1), bool))
         else:
-            lab, pred = label.read(box), prediction.read(box)
-            if mode == "masks":
-                lab_mask, pred_mask = lab[c], pred[c]
-            else:
-                known = counts.known(lab)
-                lab_mask, pred_mask = lab == c, pred == c
-                if known is not None:
-                    lab_mask &= known
-                    pred_mask &= known
-            distances = distance_scores(pred_mask, lab_mask, size, tolerance)
+            lab_points, pred_points = _class_surfaces(label, prediction, box, c, mode, counts, rows)
+            distances = surface_scores(pred_points, lab_points, size, tolerance)
         classes[str(c)] = {"dice": dice, "iou": iou, **distances}
     result: dict[str, Any] = {"classes": classes}
     if objects is not None:
         result["instances"] = instance_scores(objects)
     return result
+
+
+def _class_surfaces(
+    label: Side, prediction: Side, box: tuple[slice, slice, slice], c: int, mode: str, counts: ConfusionCounts,
+    rows: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The surface voxels ``(n, 3)`` of class ``c`` in the label and in the prediction, found in ``box`` z-slab by
+    z-slab, each slab read with one row of halo on both sides (outside the box the class is absent)."""
+    depth = box[0].stop - box[0].start
+    found: tuple[list, list] = ([], [])
+    for zs in _slabs(depth, rows):
+        z0, z1 = box[0].start + zs.start, box[0].start + zs.stop
+        lo, hi = max(box[0].start, z0 - 1), min(box[0].stop, z1 + 1)
+        lab, pred = label.read((slice(lo, hi), box[1], box[2])), prediction.read((slice(lo, hi), box[1], box[2]))
+        if mode == "masks":
+            masks = (lab[c], pred[c])
+        else:
+            known = counts.known(lab)
+            masks = (lab == c, pred == c) if known is None else ((lab == c) & known, (pred == c) & known)
+        offset = np.array([z0, box[1].start or 0, box[2].start or 0])
+        for points, mask in zip(found, masks):
+            points.append(surface_points(mask, slice(z0 - lo, z1 - lo)) + offset)
+    return tuple(np.concatenate(p) if p else np.zeros((0, 3), np.int64) for p in found)  # type: ignore[return-value]
 
 
 def _read_raw(array: Any, region: tuple[slice, slice, slice], where: str) -> np.ndarray:

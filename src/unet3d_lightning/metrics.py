@@ -7,8 +7,9 @@ Everything is computed from pieces a large volume can be read in, so that memory
   Dice and IoU of each class come from them (:func:`overlap_scores`), as do the bounding boxes of each class
   (:class:`BoundingBoxes`);
 - the surface metrics of a class (:func:`distance_scores`: HD95, ASSD, surface Dice) need only the class's bounding
-  box (the union of its label and predicted voxels): distances to a set of surface voxels lying inside a box are the
-  same whether the distance transform runs over the box or over the whole volume;
+  box (the union of its label and predicted voxels), where its surfaces lie, read slab by slab
+  (:func:`surface_points` with one row of halo); the distances between the two surfaces are found in k-d trees of
+  their voxels, so memory grows with the surfaces, not with the box or the volume;
 - :class:`InstanceCounts` accumulates the overlaps of truth objects and predicted instances slab by slab; ARand, AP,
   precision and recall (:func:`instance_scores`) need nothing else, so memory grows with the number of overlapping
   pairs, not with the volume.
@@ -90,7 +91,10 @@ __all__ = [
     "matched_pairs",
     "mean_scores",
     "overlap_scores",
+    "point_distances",
     "surface_distances",
+    "surface_points",
+    "surface_scores",
 ]
 
 CLASS_METRICS = ("dice", "iou", "hd95", "assd", "surface_dice")
@@ -159,7 +163,15 @@ class ConfusionCounts:
         label, prediction = label.ravel(), prediction.ravel()
         _check_ids(label, "label")
         _check_ids(prediction, "predicted")
-        keys, counts = np.unique(_pack(label, prediction), return_counts=True)
+        if label.size and int(label.max()) < 1024 and int(prediction.max()) < 1024:
+            # Few class ids (the usual case): a histogram of the pairs is far cheaper than sorting the voxels.
+            width = int(prediction.max()) + 1
+            histogram = np.bincount(label.astype(np.int64) * width + prediction, minlength=width)
+            pairs = np.flatnonzero(histogram)
+            keys = _pack(pairs // width, pairs % width)
+            counts = histogram[pairs]
+        else:
+            keys, counts = np.unique(_pack(label, prediction), return_counts=True)
         self.keys, self.counts = _merge(self.keys, self.counts, keys, counts)
 
     @property
@@ -225,29 +237,46 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
+def surface_points(mask: np.ndarray, rows: slice | None = None) -> np.ndarray:
+    """The ``(z, y, x)`` indices (int64, ``(n, 3)``) of the surface voxels of ``mask``: its voxels with a 6-neighbour
+    outside it, outside the array counting as outside the mask.
+
+    Args:
+        mask: a bool ``(d, h, w)`` mask.
+        rows: only the surface voxels in these z-rows of ``mask`` (the others serve as their neighbours: a slab read
+            with one row of halo on each side, whose indices are then relative to ``rows.start``). Default None: all.
+    """
+    padded = np.pad(np.asarray(mask, bool), 1)
+    inner = (slice(1, -1),) * 3
+    surface = _surface(padded)[inner]
+    if rows is not None:
+        surface = surface[rows]
+    return np.argwhere(surface)
+
+
 def surface_distances(
     prediction: np.ndarray, label: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(distances from ∂P to ∂G, distances from ∂G to ∂P)``, one per surface voxel, in ``voxel_size`` units.
+    """``(distances from ∂P to ∂G, distances from ∂G to ∂P)``, one per surface voxel (in C order of the voxels), in
+    ``voxel_size`` units, of two non-empty bool masks of one shape (outside them both are taken as empty)."""
+    return point_distances(surface_points(prediction), surface_points(label), voxel_size)
 
-    Args:
-        prediction, label: bool masks of one class, of the same shape (a crop holding every voxel of both; outside it
-            both are taken as empty).
-        voxel_size: the size of a voxel along each axis. Default 1 on every axis.
 
-    Both must be non-empty (see :func:`distance_scores` for the empty cases). The Euclidean distance transform
-    (``scipy.ndimage.distance_transform_edt`` with ``sampling=voxel_size``) runs over the crop padded by one voxel;
-    memory about 40 bytes per voxel of the crop.
+def point_distances(
+    points_p: np.ndarray, points_g: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0, 1.0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """For two non-empty sets of surface voxel indices ``(n, 3)``: the distance of each voxel of ``points_p`` to the
+    nearest of ``points_g``, and of each of ``points_g`` to the nearest of ``points_p``, in ``voxel_size`` units.
+
+    Exact Euclidean distances between the voxel centres scaled by ``voxel_size``, found in k-d trees
+    (``scipy.spatial.cKDTree``): what a Euclidean distance transform would give, and MONAI's CPU path. Memory: about
+    100 bytes per surface voxel, nothing per voxel of the volume.
     """
-    from scipy import ndimage
+    from scipy.spatial import cKDTree
 
-    prediction = np.pad(np.asarray(prediction, bool), 1)
-    label = np.pad(np.asarray(label, bool), 1)
-    sampling = [float(v) for v in voxel_size]
-    edges_p, edges_g = _surface(prediction), _surface(label)
-    to_label = ndimage.distance_transform_edt(~edges_g, sampling=sampling)[edges_p]
-    to_prediction = ndimage.distance_transform_edt(~edges_p, sampling=sampling)[edges_g]
-    return to_label, to_prediction
+    scale = np.asarray([float(v) for v in voxel_size], np.float64)
+    scaled_p, scaled_g = points_p * scale, points_g * scale
+    return cKDTree(scaled_g).query(scaled_p, k=1)[0], cKDTree(scaled_p).query(scaled_g, k=1)[0]
 
 
 def distance_scores(
@@ -260,12 +289,20 @@ def distance_scores(
         voxel_size: voxel size per axis; distances are in its units. Default 1 on every axis.
         tolerance: the surface Dice's tolerance, in the same units. Default 1.0.
     """
-    has_p, has_g = bool(np.any(prediction)), bool(np.any(label))
+    return surface_scores(surface_points(prediction), surface_points(label), voxel_size, tolerance)
+
+
+def surface_scores(
+    points_p: np.ndarray, points_g: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), tolerance: float = 1.0
+) -> dict[str, float]:
+    """:func:`distance_scores` from the surface voxels ``(n, 3)`` of the prediction and of the label (as
+    :func:`surface_points` finds them, e.g. slab by slab); a mask is empty exactly when its surface is."""
+    has_p, has_g = len(points_p) > 0, len(points_g) > 0
     if not has_p and not has_g:
         return {"hd95": math.nan, "assd": math.nan, "surface_dice": math.nan}
     if not has_p or not has_g:
         return {"hd95": math.inf, "assd": math.inf, "surface_dice": 0.0}
-    to_label, to_prediction = surface_distances(prediction, label, voxel_size)
+    to_label, to_prediction = point_distances(points_p, points_g, voxel_size)
     hd95 = max(float(np.percentile(to_label, 95)), float(np.percentile(to_prediction, 95)))
     both = np.concatenate([to_label, to_prediction])
     within = int((to_label <= tolerance).sum() + (to_prediction <= tolerance).sum())
