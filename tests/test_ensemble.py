@@ -101,4 +101,6 @@ def test_members_that_disagree_are_one_error_line(members, capsys):
     line = cli_error_line(capsys, [*args, "--prediction.output_dir", str(where / "w"),
                                    "--prediction.ensemble", f"[{where / 'missing.ckpt'}]"])
     assert line.startswith("error: prediction.ensemble: ") and "missing.ckpt" in line
+    line = cli_error_line(capsys, [*args, "--prediction.output_dir", str(where / "v"), "--prediction.ensemble", str(a)])
+    assert "is the --ckpt_path model" in line  # one file, without brackets, is a list of one
     assert not (where / "x" / "vol_predictions.h5").exists()

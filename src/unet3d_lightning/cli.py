@@ -422,6 +422,9 @@ class UNet3DCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._check_weights()
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PredictionWriter):  # prediction.ensemble refuses this file as a member
+                callback.ckpt_path = self.config.predict.get("ckpt_path")
         self._check_inputs("predict")
 
     def _run_evaluation(self, method: str, model: Any, ckpt_path: str | None = None, **kwargs: Any) -> Any:

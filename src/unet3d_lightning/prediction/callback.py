@@ -112,7 +112,7 @@ class PredictionWriter(Callback):
         format: Literal["hdf5", "zarr"] = "hdf5",
         instances: bool = False,
         watershed: WatershedOptions = WatershedOptions(),
-        ensemble: list[str] | None = None,
+        ensemble: list[str] | str | None = None,
     ) -> None:
         if blend not in ("average", "gaussian"):
             raise ConfigurationError(f"prediction.blend {blend!r} is not one of average, gaussian")
@@ -144,6 +144,8 @@ class PredictionWriter(Callback):
         if isinstance(ensemble, str):
             ensemble = [ensemble]
         self.ensemble = [str(path) for path in ensemble] if ensemble else []
+        # The --ckpt_path model's checkpoint, set by the command, so that a member naming it again is refused.
+        self.ckpt_path: str | None = None
         self.written: list[Path] = []
         self._created: list[Path] = []  # directories this run created, removed again if it fails
         self._reset()
@@ -191,7 +193,8 @@ class PredictionWriter(Callback):
         if self.ensemble:
             from .ensemble import load_members
 
-            pl_module.predict_members = load_members(self.ensemble, pl_module, getattr(trainer, "datamodule", None))
+            pl_module.predict_members = load_members(self.ensemble, pl_module, getattr(trainer, "datamodule", None),
+                                                     reference_path=self.ckpt_path)
         self._start = time.perf_counter()
         # Rank r receives dataset items r, r + W, ... (the datamodule's sampler); count this rank's share per volume
         # for the progress bars.

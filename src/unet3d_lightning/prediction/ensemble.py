@@ -48,7 +48,9 @@ def _same(a: Any, b: Any) -> bool:
     return same_setting(a, b)
 
 
-def load_members(paths: Sequence[str], reference: Any, data: Any = None) -> list[Any]:
+def load_members(
+    paths: Sequence[str], reference: Any, data: Any = None, reference_path: str | None = None
+) -> list[Any]:
     """Build the members of ``paths`` (``.ckpt`` files written by ``unet3d fit``), with their weights, on the
     ``reference`` model's device, after checking that they agree with it.
 
@@ -57,6 +59,8 @@ def load_members(paths: Sequence[str], reference: Any, data: Any = None) -> list
         reference: the ``--ckpt_path`` model (a :class:`~unet3d_lightning.module.UNet3DModule`).
         data: the run's datamodule, whose ``normalization`` and ``percentiles`` the members must have been trained
             with (checked where the member's checkpoint records them). Default None: not checked.
+        reference_path: the ``--ckpt_path`` file, which a member may not name again (it would count twice).
+            Default None: not checked.
 
     Raises:
         ConfigurationError: a member that cannot be read, is listed twice, or differs in a setting of
@@ -67,13 +71,18 @@ def load_members(paths: Sequence[str], reference: Any, data: Any = None) -> list
 
     members = []
     seen: set[str] = set()
+    if reference_path:
+        seen.add(os.path.realpath(os.path.expandvars(os.path.expanduser(str(reference_path)))))
     accepted = set(inspect.signature(UNet3DModule.__init__).parameters) - {"self"}
     for given in paths:
         path = os.path.expandvars(os.path.expanduser(str(given)))
         where = f"prediction.ensemble member {given}"
         key = os.path.realpath(path)
         if key in seen:
-            raise ConfigurationError(f"{where} is listed twice; give each checkpoint once")
+            raise ConfigurationError(
+                f"{where} is listed twice (or is the --ckpt_path model, which is a member already); give each "
+                "checkpoint once"
+            )
         seen.add(key)
         try:
             checkpoint = read_checkpoint(path)
