@@ -201,3 +201,13 @@ def test_instance_metrics_of_a_perfect_and_an_empty_prediction():
     assert none["ap50"] == 0.0 and none["recall"] == 0.0 and math.isnan(none["precision"])
     nothing = instances_of(np.zeros_like(truth), np.zeros_like(truth))
     assert all(math.isnan(v) for v in nothing.values())
+
+
+def test_instance_ids_beyond_32_bits_score_as_their_relabelled_copies():
+    truth = random_classes((6, 10, 10), 7, classes=4).astype(np.uint64)
+    prediction = random_classes((6, 10, 10), 8, classes=5).astype(np.uint64)
+    big_truth = np.where(truth > 0, truth * np.uint64(2**61) + np.uint64(12345), 0).astype(np.uint64)
+    big_prediction = np.where(prediction > 0, prediction + np.uint64(2**63), 0).astype(np.uint64)
+    small, big = instances_of(truth, prediction), instances_of(big_truth, big_prediction)
+    assert big == pytest.approx(small, nan_ok=True)
+    assert 0 < small["arand"] < 1

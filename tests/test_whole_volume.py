@@ -71,3 +71,47 @@ def test_whole_volume_is_refused_outside_validate_and_test(one_step_fit, capsys)
     root, _ = one_step_fit
     line = cli_error_line(capsys, ["fit", "--config", str(root / "fit.yaml"), "--whole_volume", "true"])
     assert "whole_volume is a setting of validate and test, not of fit" in line
+
+
+def test_whole_volume_instances_of_a_boundary_model_equal_scikit_image(tmp_path, capsys):
+    import yaml
+    from skimage.metrics import adapted_rand_error
+
+    from unet3d_lightning.data.demo_cells import cells_volume
+    from unet3d_lightning.instances import boundary_evidence, components_instances
+
+    raw, cells = cells_volume((8, 24, 24), np.random.default_rng(0), cell_size=8.0, noise=0.1)
+    label = np.unique(cells, return_inverse=True)[1].reshape(cells.shape).astype(np.int64) + 1  # ids 1..n
+    with h5py.File(tmp_path / "cells.h5", "w") as f:
+        f["raw"], f["label"] = raw, label
+    config = {
+        "trainer": {"default_root_dir": str(tmp_path / "runs"), "accelerator": "cpu", "max_steps": 1,
+                    "enable_progress_bar": False, "enable_model_summary": False},
+        "model": {"out_channels": 1, "f_maps": 4, "num_levels": 2, "num_groups": 2, "loss": "bce_dice"},
+        "data": {"train_paths": [str(tmp_path / "cells.h5")], "val_paths": [str(tmp_path / "cells.h5")],
+                 "label_transform": "boundaries", "train_patch_shape": [8, 16, 16], "val_patch_shape": [8, 16, 16],
+                 "num_workers": 0},
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(tmp_path / "fit.yaml")])
+    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    capsys.readouterr()
+    main(["validate", "--config", str(tmp_path / "fit.yaml"), "--ckpt_path", str(ckpt), "--whole_volume", "true"])
+    out = capsys.readouterr().out
+    assert "val/whole/arand" in out and "val/whole/ap50" in out
+    table = out[out.index("whole-volume metrics (val):"):].splitlines()
+    tokens = next(line.split() for line in table[2:] if line.split()[1:2] == ["instances"])
+    row = dict(zip(["arand", "ap50", "map", "precision", "recall"], tokens[2:]))  # its class-metric cells are blank
+    # The same grid (patch 8x16x16, stride = patch) through predict; validation's instances of its maps.
+    main(["predict", "--ckpt_path", str(ckpt), "--data.predict_paths", f"[{tmp_path / 'cells.h5'}]",
+          "--data.predict_patch_shape", "[8, 16, 16]", "--data.predict_stride_shape", "[8, 16, 16]",
+          "--data.num_workers", "0", "--prediction.output_dir", str(tmp_path / "p"), "--trainer.accelerator", "cpu",
+          "--trainer.enable_progress_bar", "false"])
+    with h5py.File(tmp_path / "p" / "cells_predictions.h5", "r") as f:
+        maps = f["predictions"][()]
+    instances = components_instances(*boundary_evidence(maps, {"kind": "boundaries", "foreground_channel": False}))
+    singletons = instances.astype(np.int64)
+    zeros = (singletons == 0) & (label > 0)
+    singletons[zeros] = singletons.max() + 1 + np.arange(zeros.sum())
+    expected = adapted_rand_error(label, singletons)[0]
+    assert float(row["arand"]) == pytest.approx(expected, rel=1e-3, abs=1e-4)

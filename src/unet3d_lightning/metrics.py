@@ -309,16 +309,32 @@ def surface_scores(
     return {"hd95": hd95, "assd": float(both.mean()), "surface_dice": within / both.size}
 
 
+def _reduce_pairs(first: np.ndarray, second: np.ndarray, weights: np.ndarray | None = None) -> tuple:
+    """The distinct pairs ``(first[i], second[i])`` (uint64 ids of any size) and their summed ``weights`` (default:
+    counts), by one lexicographic sort."""
+    if first.size == 0:
+        return first.astype(np.uint64), second.astype(np.uint64), np.zeros(0, np.int64)
+    order = np.lexsort((second, first))
+    first, second = first[order], second[order]
+    starts = np.flatnonzero(np.r_[True, (first[1:] != first[:-1]) | (second[1:] != second[:-1])])
+    if weights is None:
+        sums = np.diff(np.r_[starts, first.size])
+    else:
+        sums = np.add.reduceat(weights[order], starts)
+    return first[starts], second[starts], sums.astype(np.int64)
+
+
 class InstanceCounts:
     """Overlap counts of truth objects and predicted instances, accumulated over pieces of a volume.
 
     Pairs ``(truth id, predicted id)`` with their voxel counts, over the voxels whose truth id is >= 0 (negative truth
-    ids are ignored voxels: they count neither for the truth nor for the prediction). Memory: 16 bytes per distinct
-    pair.
+    ids are ignored voxels: they count neither for the truth nor for the prediction). Ids are any non-negative
+    integers up to 2**64 - 1. Memory: 24 bytes per distinct pair.
     """
 
     def __init__(self) -> None:
-        self.keys = np.zeros(0, np.uint64)
+        self.truth = np.zeros(0, np.uint64)
+        self.predicted = np.zeros(0, np.uint64)
         self.counts = np.zeros(0, np.int64)
 
     def update(self, truth: np.ndarray, prediction: np.ndarray) -> None:
@@ -328,15 +344,23 @@ class InstanceCounts:
         if np.issubdtype(truth.dtype, np.signedinteger):
             keep = truth >= 0
             truth, prediction = truth[keep], prediction[keep]
-        truth, prediction = truth.ravel(), prediction.ravel()
-        _check_ids(truth, "truth")
-        _check_ids(prediction, "predicted instance")
-        keys, counts = np.unique(_pack(truth, prediction), return_counts=True)
-        self.keys, self.counts = _merge(self.keys, self.counts, keys, counts)
+        if prediction.size and np.issubdtype(prediction.dtype, np.signedinteger) and int(prediction.min()) < 0:
+            raise ValueError(f"predicted instance ids must be >= 0, got {int(prediction.min())}")
+        truth, prediction = truth.ravel().astype(np.uint64), prediction.ravel().astype(np.uint64)
+        if truth.size and max(int(truth.max()), int(prediction.max())) < 2**32:
+            # Ids that fit in 32 bits: one 64-bit key per voxel, counted by np.unique.
+            keys, counts = np.unique(_pack(truth, prediction), return_counts=True)
+            t, p = keys >> _SHIFT, keys & _LOW
+        else:
+            t, p, counts = _reduce_pairs(truth, prediction)
+        self.truth, self.predicted, self.counts = _reduce_pairs(
+            np.concatenate([self.truth, t]), np.concatenate([self.predicted, p]),
+            np.concatenate([self.counts, counts.astype(np.int64)]),
+        )
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(truth ids, predicted ids, voxel counts)`` of every pair found."""
-        return (self.keys >> _SHIFT).astype(np.int64), (self.keys & _LOW).astype(np.int64), self.counts
+        """``(truth ids, predicted ids, voxel counts)`` of every pair found (ids as uint64)."""
+        return self.truth, self.predicted, self.counts
 
 
 def _sizes(ids: np.ndarray, counts: np.ndarray) -> dict[int, int]:

@@ -120,7 +120,9 @@ def whole_volume_report(datamodule: Any, model: Any, stage: str, tolerance: floa
 
                 boundary, foreground = boundary_evidence(maps, targets)
                 instances = components_instances(boundary, foreground)
-                truth = np.asarray(label).astype(np.int64)
+                truth = np.asarray(label)  # as stored: uint64 ids stay whole (negative ids of signed labels: ignored)
+                if np.issubdtype(truth.dtype, np.floating):
+                    truth = truth.astype(np.int64)
                 sides = (Side(truth, "foreground", where), Side(instances, "foreground", "stitched instances"))
                 mode = "ids"
             elif model.multiclass:
