@@ -169,6 +169,16 @@ def pair_paths(prediction_entries: Sequence[str], label_entries: Sequence[str]) 
     return pairs
 
 
+def require_scipy(what: str) -> None:
+    """Raise a one-line error naming the ``instances`` extra when SciPy (the distances, the matching) is missing."""
+    try:
+        import scipy  # noqa: F401
+    except ImportError:
+        raise ConfigurationError(
+            f"{what} needs scipy, from the optional 'instances' extra: pip install 'unet3d-lightning[instances]'"
+        ) from None
+
+
 def _array_or_none(file: Any, key: str) -> Any:
     try:
         return file.array(key)
@@ -671,6 +681,7 @@ def main(args: list[str] | None = None) -> None:
             raise ConfigurationError(f"--tolerance {parsed.tolerance} must be a number >= 0")
         if not 0 < parsed.threshold < 1:
             raise ConfigurationError(f"--threshold {parsed.threshold} must lie in (0, 1)")
+        require_scipy("unet3d evaluate")
         outputs = check_output(parsed.output) if parsed.output else None
         pairs = pair_paths(_paths(parsed.prediction_paths), _paths(parsed.label_paths))
         report = evaluate(

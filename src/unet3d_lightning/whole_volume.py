@@ -50,6 +50,9 @@ class WholeVolumeMetrics(Callback):
     """
 
     def __init__(self, tolerance: float = 1.0) -> None:
+        from .evaluate import require_scipy
+
+        require_scipy("whole_volume")
         self.tolerance = float(tolerance)
         self.report: dict[str, Any] | None = None
 
