@@ -84,6 +84,21 @@ def test_dice_iou_hd95_assd_surface_dice_equal_monai(seed, voxel_size):
     assert len({round(ours[c]["hd95"], 3) for c in range(3)}) > 1
 
 
+def test_one_slice_volumes_are_scored_as_2d_images_as_monai_scores_them():
+    label = random_classes((1, 30, 34), 11)
+    prediction = random_classes((1, 30, 34), 12)
+    spacing = [0.5, 1.5]
+    P, G = one_hot(prediction[0], 3), one_hot(label[0], 3)  # (1, C, H, W): MONAI's 2D images
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hd95 = monai_metrics.compute_hausdorff_distance(P, G, include_background=True, percentile=95, spacing=spacing)
+        nsd = monai_metrics.compute_surface_dice(P, G, [1.0] * 3, include_background=True, spacing=spacing)
+    for c in range(3):
+        ours = distance_scores(prediction == c, label == c, (1.0, *spacing), tolerance=1.0)
+        assert ours["hd95"] == pytest.approx(float(hd95[0, c]), rel=1e-5)
+        assert ours["surface_dice"] == pytest.approx(float(nsd[0, c]), rel=1e-5)
+
+
 def test_distances_are_the_same_on_the_bounding_box_as_on_the_whole_volume():
     label = np.zeros((30, 30, 30), bool)
     prediction = np.zeros_like(label)

@@ -477,7 +477,7 @@ def _class_surfaces(
             masks = (lab == c, pred == c) if known is None else ((lab == c) & known, (pred == c) & known)
         offset = np.array([z0, box[1].start or 0, box[2].start or 0])
         for points, mask in zip(found, masks):
-            points.append(surface_points(mask, slice(z0 - lo, z1 - lo)) + offset)
+            points.append(surface_points(mask, slice(z0 - lo, z1 - lo), planar=label.spatial_shape[0] == 1) + offset)
     return tuple(np.concatenate(p) if p else np.zeros((0, 3), np.int64) for p in found)  # type: ignore[return-value]
 
 

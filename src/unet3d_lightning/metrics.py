@@ -230,14 +230,18 @@ class BoundingBoxes:
         return None if box is None else (slice(box[0], box[1]), slice(box[2], box[3]), slice(box[4], box[5]))
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of ``mask`` with a 6-neighbour outside it (outside the array counts as outside the mask)."""
+def _surface(mask: np.ndarray, planar: bool = False) -> np.ndarray:
+    """Voxels of ``mask`` with a 6-neighbour (``planar``: a 4-neighbour in its z-slice) outside it (outside the
+    array counts as outside the mask)."""
     from scipy import ndimage
 
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+    structure = ndimage.generate_binary_structure(3, 1)
+    if planar:
+        structure[0], structure[2] = False, False
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
-def surface_points(mask: np.ndarray, rows: slice | None = None) -> np.ndarray:
+def surface_points(mask: np.ndarray, rows: slice | None = None, planar: bool | None = None) -> np.ndarray:
     """The ``(z, y, x)`` indices (int64, ``(n, 3)``) of the surface voxels of ``mask``: its voxels with a 6-neighbour
     outside it, outside the array counting as outside the mask.
 
@@ -245,10 +249,14 @@ def surface_points(mask: np.ndarray, rows: slice | None = None) -> np.ndarray:
         mask: a bool ``(d, h, w)`` mask.
         rows: only the surface voxels in these z-rows of ``mask`` (the others serve as their neighbours: a slab read
             with one row of halo on each side, whose indices are then relative to ``rows.start``). Default None: all.
+        planar: take the surface within each z-slice (4-neighbours), as for 2D images: a one-slice volume ``(1, H,
+            W)`` would otherwise be all surface. Default None: when ``mask`` has one z-slice and ``rows`` is None.
     """
+    if planar is None:
+        planar = rows is None and mask.shape[0] == 1
     padded = np.pad(np.asarray(mask, bool), 1)
     inner = (slice(1, -1),) * 3
-    surface = _surface(padded)[inner]
+    surface = _surface(padded, planar)[inner]
     if rows is not None:
         surface = surface[rows]
     return np.argwhere(surface)
@@ -280,7 +288,8 @@ def point_distances(
 
 
 def distance_scores(
-    prediction: np.ndarray, label: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), tolerance: float = 1.0
+    prediction: np.ndarray, label: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), tolerance: float = 1.0,
+    planar: bool | None = None,
 ) -> dict[str, float]:
     """``{"hd95", "assd", "surface_dice"}`` of one class's masks (definitions and empty cases: module docstring).
 
@@ -288,8 +297,11 @@ def distance_scores(
         prediction, label: bool masks of the class (the whole volume or a crop holding every voxel of both).
         voxel_size: voxel size per axis; distances are in its units. Default 1 on every axis.
         tolerance: the surface Dice's tolerance, in the same units. Default 1.0.
+        planar: surfaces within z-slices (2D images stored as ``(1, H, W)``); see :func:`surface_points`. Default
+            None: when the masks have one z-slice (give False for a one-slice crop of a 3D volume).
     """
-    return surface_scores(surface_points(prediction), surface_points(label), voxel_size, tolerance)
+    return surface_scores(surface_points(prediction, planar=planar), surface_points(label, planar=planar),
+                          voxel_size, tolerance)
 
 
 def surface_scores(
