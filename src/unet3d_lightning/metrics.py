@@ -15,8 +15,9 @@ Everything is computed from pieces a large volume can be read in, so that memory
   pairs, not with the volume.
 
 Definitions (``P``: predicted voxels of a class, ``G``: its label voxels; ``∂P``, ``∂G``: their surface voxels, the
-voxels of the mask with a 6-neighbour outside it, as MONAI's ``get_mask_edges`` takes them; distances in the voxel
-size's units, Euclidean, between voxel centres):
+voxels of the mask with a 6-neighbour outside it, as MONAI's ``get_mask_edges`` takes them, or, in a one-slice
+volume (a 2D image), a 4-neighbour within the slice; distances in the voxel size's units, Euclidean, between voxel
+centres):
 
 - ``dice = 2|P∩G| / (|P| + |G|)`` (Dice 1945; Sørensen 1948), ``iou = |P∩G| / |P∪G|`` (Jaccard 1912), as MONAI's
   ``compute_dice`` / ``compute_iou``;
