@@ -190,3 +190,17 @@ def test_evaluate_is_listed_by_the_command(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--help"])
     assert "--prediction_paths" in capsys.readouterr().out
+
+
+def test_the_command_starts_evaluate_without_torch_or_lightning(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.argv = ['unet3d', 'evaluate', '--help']\nfrom unet3d_lightning.launcher import run\n"
+            "def command():\n    try:\n        run()\n    except SystemExit:\n        pass\ncommand()\n"
+            "print('loaded', 'torch' in sys.modules, 'lightning' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(),
+                          timeout=120)
+    assert "--prediction_paths" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "loaded False False"
