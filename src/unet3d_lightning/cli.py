@@ -155,6 +155,11 @@ class UNet3DCLI(LightningCLI):
         )
         parser.add_lightning_class_args(ValidationImages, "image_logger")
         parser.add_lightning_class_args(PredictionWriter, "prediction")
+        parser.add_argument(
+            "--whole_volume", type=bool, default=False,
+            help="validate/test: also predict every volume whole (stitched) and log the metrics of unet3d evaluate "
+            "as val/whole/<metric> (test/whole/...): dice, iou, hd95, assd, surface_dice (see whole_volume.py)",
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # --print_config waits until the settings are complete: a run from a checkpoint takes its model and
@@ -272,6 +277,8 @@ class UNet3DCLI(LightningCLI):
                 )
                 description = "Read the training volumes and write a fit config fitted to them and the device."
                 subcommands.add_subcommand("plan", ArgumentParser(description=description), help=description)
+                description = "Whole-volume metrics of predictions against labels (unet3d evaluate --help)."
+                subcommands.add_subcommand("evaluate", ArgumentParser(description=description), help=description)
 
     def before_instantiate_classes(self) -> None:
         """Fail fast, before any model, data or checkpoint is loaded, on mistakes visible in the config."""
@@ -282,6 +289,8 @@ class UNet3DCLI(LightningCLI):
         config = self.config[sub]
         ckpt_path = config.get("ckpt_path")
         check_accelerator(config.trainer.get("accelerator"))
+        if config.get("whole_volume") and sub not in ("validate", "test"):
+            raise ConfigurationError(f"whole_volume is a setting of validate and test, not of {sub}; drop it here")
         if sub == "fit":
             self._adapt_to_no_validation(config)
         self._resolve_modes(config)
@@ -420,6 +429,8 @@ class UNet3DCLI(LightningCLI):
         if writer is not None and writer.rescale and getattr(self.model, "voxel_size", None) is not None:
             # known before the volumes are checked: resampled volumes get no voxel-size warning
             self.datamodule.predict_voxel_size = self.model.voxel_size
+        if writer is not None:  # prediction.ensemble refuses this file as a member
+            writer.ckpt_path = self.config.predict.get("ckpt_path")
         self._check_inputs("predict")
 
     def _run_evaluation(self, method: str, model: Any, ckpt_path: str | None = None, **kwargs: Any) -> Any:
@@ -479,6 +490,10 @@ class UNet3DCLI(LightningCLI):
                 )
             if self._no_validation == NO_VAL_PATHS:
                 kwargs["limit_val_batches"] = 0  # nothing to validate on: no sanity check, no empty loader
+        if self.subcommand in ("validate", "test") and self.config[self.subcommand].get("whole_volume"):
+            from .whole_volume import WholeVolumeMetrics
+
+            callbacks.append(WholeVolumeMetrics())
         if self.subcommand == "predict":
             kwargs.setdefault("logger", False)  # prediction logs nothing; a logger would only leave empty run dirs
         if trainer_config.get("benchmark") is None and not trainer_config.get("deterministic"):
@@ -566,6 +581,11 @@ def main(args: list[str] | None = None) -> None:
             from .plan import main as plan_main
 
             return plan_main(argv[1:])
+        if argv and argv[0] == "evaluate":
+            # Not a Lightning run either: whole-volume metrics of written predictions (see evaluate.py).
+            from .evaluate import main as evaluate_main
+
+            return evaluate_main(argv[1:])
         return _run(args)
     finally:
         checkpoints.forget()  # the next run in this process reads its checkpoints afresh

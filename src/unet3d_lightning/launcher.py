@@ -365,7 +365,14 @@ def run() -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    from .cli import main
+    if sys.argv[1:2] == ["evaluate"]:
+        # Reads files and computes metrics only: without torch and Lightning it starts in a fraction of the time.
+        from .evaluate import main as evaluate_main
+
+        def main() -> None:
+            evaluate_main(sys.argv[2:])
+    else:
+        from .cli import main
 
     if not direct:
         main()  # the tool around the run (profiler, coverage, debugger) finishes its work after it returns

@@ -586,6 +586,11 @@ class UNet3DModule(pl.LightningModule):
                 probabilities = flip_tta(lambda x: self.final_activation(self(x)), raw)
             else:
                 probabilities = self.final_activation(self(raw))
+        members = getattr(self, "predict_members", None)
+        if members:  # prediction.ensemble: the mean of every model's probabilities
+            from .prediction.ensemble import ensemble_mean
+
+            probabilities = ensemble_mean(probabilities, members, raw, self.predict_tta)
         return {**{k: v for k, v in batch.items() if k != "raw"}, "probabilities": probabilities}
 
     # ----------------------------------------------------------------------------------------------- optimizers

@@ -128,6 +128,10 @@ class PredictionWriter(Callback):
             ``.<name>.partial`` with a record of its finished chunk rows and of the settings that change the
             result; a run with ``resume`` predicts only the patches of the unfinished rows and refuses a record whose
             settings differ. Without it (default False) a run starts afresh and removes such leftovers.
+        ensemble: more checkpoints (``.ckpt`` of ``unet3d fit``) whose probabilities are averaged with the
+            ``--ckpt_path`` model's, patch by patch in the same pass (with ``tta``: each model's flip average, then
+            the mean); they must agree with it on channels, label type, targets and normalisation (see
+            :mod:`~unet3d_lightning.prediction.ensemble`). Default None: the one model.
 
     Example::
 
@@ -151,6 +155,7 @@ class PredictionWriter(Callback):
         rescale: bool = False,
         preview: bool = False,
         resume: bool = False,
+        ensemble: list[str] | str | None = None,
     ) -> None:
         if blend not in ("average", "gaussian"):
             raise ConfigurationError(f"prediction.blend {blend!r} is not one of average, gaussian")
@@ -193,6 +198,11 @@ class PredictionWriter(Callback):
                 f"finished rows); got prediction.format {format}"
             )
         self._assignment: RowAssignment | None = None
+        if isinstance(ensemble, str):
+            ensemble = [ensemble]
+        self.ensemble = [str(path) for path in ensemble] if ensemble else []
+        # The --ckpt_path model's checkpoint, set by the command, so that a member naming it again is refused.
+        self.ckpt_path: str | None = None
         self.written: list[Path] = []
         self.previews: list[Path] = []  # the preview PNGs of prediction.preview, beside the written outputs
         self._created: list[Path] = []  # directories this run created, removed again if it fails
@@ -318,6 +328,11 @@ class PredictionWriter(Callback):
         self._targets = self._check_instances(plans, pl_module) if self.instances else None
         self._plans = list(plans)
         pl_module.predict_tta = self.tta
+        if self.ensemble:
+            from .ensemble import load_members
+
+            pl_module.predict_members = load_members(self.ensemble, pl_module, getattr(trainer, "datamodule", None),
+                                                     reference_path=self.ckpt_path)
         self._start = time.perf_counter()
         # Rank r receives dataset items r, r + W, ... (the datamodule's sampler); count this rank's share per volume
         # for the progress bars.
@@ -383,6 +398,7 @@ class PredictionWriter(Callback):
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.predict_tta = False
+        pl_module.predict_members = []
         self._created = []  # the run succeeded: its directories stay
         self._close_pool()
         if trainer.is_global_zero and self.written:
@@ -407,6 +423,7 @@ class PredictionWriter(Callback):
         if self._bar is not None:
             self._bar.close()
         pl_module.predict_tta = False
+        pl_module.predict_members = []
         self._close_pool()
         self._reset()
         remove_created_dirs(self._created)  # as far as they are empty: volumes finished before the failure stay
