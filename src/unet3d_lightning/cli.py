@@ -270,6 +270,8 @@ class UNet3DCLI(LightningCLI):
                 subcommands.add_subcommand(
                     "import-pytorch3dunet", ArgumentParser(description=description), help=description
                 )
+                description = "Export a trained model as TorchScript, ONNX or a bioimage.io package."
+                subcommands.add_subcommand("export", ArgumentParser(description=description), help=description)
 
     def before_instantiate_classes(self) -> None:
         """Fail fast, before any model, data or checkpoint is loaded, on mistakes visible in the config."""
@@ -554,6 +556,11 @@ def main(args: list[str] | None = None) -> None:
             from .importers import main as import_main
 
             return import_main(argv[1:])
+        if argv and argv[0] == "export":
+            # Not a Lightning run either: TorchScript, ONNX, bioimage.io (see export.py).
+            from .export import main as export_main
+
+            return export_main(argv[1:])
         return _run(args)
     finally:
         checkpoints.forget()  # the next run in this process reads its checkpoints afresh
