@@ -186,7 +186,7 @@ def trace(packaged: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptM
 def export_torchscript(packaged: torch.nn.Module, example: torch.Tensor, output: Path) -> None:
     """Write the TorchScript of ``packaged`` traced on ``example`` to ``output`` (atomically)."""
     traced = trace(packaged, example)
-    with _written(output) as temporary:
+    with _written(output) as temporary, _quiet_trace():
         torch.jit.save(traced, str(temporary))
 
 
