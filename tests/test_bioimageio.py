@@ -102,7 +102,8 @@ def their_network(seed=0):
     return net.eval(), kwargs
 
 
-def plantseg_package(tmp_path, net, kwargs, preprocessing=None, library=p3d_model.__name__, callable_="UNet3D"):
+def plantseg_package(tmp_path, net, kwargs, preprocessing=None, library=p3d_model.__name__, callable_="UNet3D",
+                     tensorflow_only=False):
     """A package in the form of PlantSeg's zoo models: pytorch-3dunet's architecture by import path and kwargs, its
     state dict, zero_mean_unit_variance per sample; test tensors computed by their network."""
     work = tmp_path / "plantseg"
@@ -120,6 +121,16 @@ def plantseg_package(tmp_path, net, kwargs, preprocessing=None, library=p3d_mode
     axes_out = [bm.BatchAxis(), bm.ChannelAxis(channel_names=[bm.Identifier("boundaries")]),
                 *(bm.SpaceOutputAxis(id=bm.AxisId(a), size=bm.SizeReference(tensor_id=bm.TensorId("raw"),
                                                                              axis_id=bm.AxisId(a))) for a in "zyx")]
+    if tensorflow_only:
+        with zipfile.ZipFile(work / "saved_model.zip", "w") as archive:
+            archive.writestr("saved_model.pb", b"")
+        weights = bm.WeightsDescr(tensorflow_saved_model_bundle=bm.TensorflowSavedModelBundleWeightsDescr(
+            source=work / "saved_model.zip", tensorflow_version=bm.Version("2.15")))
+    else:
+        weights = bm.WeightsDescr(pytorch_state_dict=bm.PytorchStateDictWeightsDescr(
+            source=work / "weights.pt", pytorch_version=bm.Version("2.13"),
+            architecture=bm.ArchitectureFromLibraryDescr(import_from=library, callable=bm.Identifier(callable_),
+                                                         kwargs=kwargs)))
     if preprocessing is None:
         preprocessing = [bm.ZeroMeanUnitVarianceDescr(kwargs=bm.ZeroMeanUnitVarianceKwargs(
             axes=[bm.AxisId(a) for a in "zyx"]))]
@@ -131,10 +142,7 @@ def plantseg_package(tmp_path, net, kwargs, preprocessing=None, library=p3d_mode
                                     preprocessing=preprocessing)],
         outputs=[bm.OutputTensorDescr(id=bm.TensorId("boundaries"), axes=axes_out,
                                       test_tensor=bm.FileDescr(source=work / "out.npy"))],
-        weights=bm.WeightsDescr(pytorch_state_dict=bm.PytorchStateDictWeightsDescr(
-            source=work / "weights.pt", pytorch_version=bm.Version("2.13"),
-            architecture=bm.ArchitectureFromLibraryDescr(import_from=library, callable=bm.Identifier(callable_),
-                                                         kwargs=kwargs))),
+        weights=weights,
     )
     return save_bioimageio_package(description, output_path=tmp_path / "plantseg.zip")
 
@@ -178,3 +186,27 @@ def test_unsupported_packages_end_in_one_error_line(tmp_path, capsys):
     line = error_line(capsys, [*base, "--ckpt_path", str(fixed)])
     assert "fixed_zero_mean_unit_variance" in line and "not supported" in line
     assert not (tmp_path / "out").exists()
+    (tmp_path / "c").mkdir()
+    tensorflow = plantseg_package(tmp_path / "c", net, kwargs, tensorflow_only=True)
+    line = error_line(capsys, [*base, "--ckpt_path", str(tensorflow)])
+    assert "no pytorch_state_dict weights" in line and "tensorflow_saved_model_bundle" in line
+    assert not (tmp_path / "out").exists()
+    good = plantseg_package(tmp_path, net, kwargs)
+    line = error_line(capsys, ["fit", "--ckpt_path", str(good), "--data.train_paths", f"[{tmp_path / 'vol.h5'}]",
+                               "--trainer.default_root_dir", str(tmp_path / "runs")])
+    assert "bioimage.io package" in line and "not a run to resume" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_export_extra_is_one_error_line(tmp_path, capsys, monkeypatch, one_step_fit):
+    net, kwargs = their_network()
+    package = plantseg_package(tmp_path, net, kwargs)
+    write_h5(tmp_path / "vol.h5", raw=np.zeros((8, 16, 16), np.float32))
+    monkeypatch.setitem(sys.modules, "bioimageio.spec", None)
+    line = error_line(capsys, ["predict", "--ckpt_path", str(package), "--data.predict_paths",
+                               f"[{tmp_path / 'vol.h5'}]", "--data.predict_patch_shape", "[8, 16, 16]",
+                               "--prediction.output_dir", str(tmp_path / "out")])
+    assert "'export' extra" in line and "unet3d-lightning[export]" in line and str(package) in line
+    line = error_line(capsys, ["export", "--ckpt_path", str(one_step_fit[1]), "--output", str(tmp_path / "m.zip")])
+    assert "'export' extra" in line and "bioimageio.spec" in line
+    assert not (tmp_path / "m.zip").exists() and not (tmp_path / "out").exists()

@@ -285,6 +285,14 @@ class UNet3DCLI(LightningCLI):
         if sub == "fit":
             self._adapt_to_no_validation(config)
         self._resolve_modes(config)
+        if sub == "fit" and ckpt_path:
+            from .bioimage import is_package
+
+            if is_package(ckpt_path):
+                raise ConfigurationError(
+                    f"ckpt_path {ckpt_path}: a bioimage.io package holds weights, not a run to resume; predict with it "
+                    "(unet3d predict --ckpt_path), or start a new fit without --ckpt_path"
+                )
         if sub == "fit":
             check_root_dir(config.trainer.get("default_root_dir") or ".")
             if not ckpt_path and config.trainer.get("logger") is False:
