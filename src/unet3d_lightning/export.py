@@ -42,6 +42,8 @@ SUFFIXES = {".pt": "torchscript", ".onnx": "onnx", ".zip": "bioimageio"}
 # opset 17: run by onnxruntime's CPU and CUDA providers since 1.14 and by TensorRT 8.6+; the TorchScript-based
 # exporter writes max pooling with ceil_mode and nearest resizing there as standard ops.
 DEFAULT_OPSET = 17
+# Resize (nearest upsampling to a size) needs opset 11; 20 is the newest the TorchScript-based exporter writes.
+OPSETS = range(11, 21)
 INPUT_NAME = "raw"
 OUTPUT_NAME = "prediction"
 EXPORT_EXTRA = "pip install 'unet3d-lightning[export]'"
@@ -300,6 +302,11 @@ def export(
     if fmt not in FORMATS:
         raise ConfigurationError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     check_output(output, ckpt_path, overwrite)
+    if fmt != "torchscript" and opset not in OPSETS:
+        raise ConfigurationError(
+            f"opset {opset} is not supported; choose one from {OPSETS.start} to {OPSETS.stop - 1} (default "
+            f"{DEFAULT_OPSET}, which onnxruntime runs on CPU and CUDA)"
+        )
     if fmt == "bioimageio":
         require("bioimageio.spec", "a bioimage.io package")
         require("onnx", "a bioimage.io package (its ONNX weights)")
