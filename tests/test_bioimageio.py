@@ -7,6 +7,7 @@ normalisation. All offline: the network is closed for the duration of each test.
 
 from __future__ import annotations
 
+import ast
 import itertools
 import socket
 import sys
@@ -59,6 +60,14 @@ def test_exported_package_passes_test_model_and_predicts_as_the_checkpoint(one_s
     with zipfile.ZipFile(package) as archive:
         names = set(archive.namelist())
         rdf = yaml.safe_load(archive.read("rdf.yaml"))
+        architecture = archive.read("unet3d_network.py").decode()
+    # The architecture file builds the network with torch alone (bioimage.io tools do not have this package).
+    tree = ast.parse(architecture)
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {"." * node.level + (node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {name.split(".")[0] for name in imported} <= {"__future__", "torch", "re", "collections", "typing",
+                                                         "pathlib", "math"}, imported
     assert {"weights_state_dict.pt", "weights_torchscript.pt", "weights.onnx", "unet3d_network.py", "README.md",
             "test_input.npy", "test_output.npy"} <= names
     assert sorted(rdf["weights"]) == ["onnx", "pytorch_state_dict", "torchscript"]

@@ -87,7 +87,8 @@ def network_arguments(hparams: dict[str, Any]) -> dict[str, Any]:
     from .networks import build_network
 
     names = set(inspect.signature(build_network).parameters) - {"architecture", "spatial_dims"}
-    return {k: plain(v) for k, v in hparams.items() if k in names}
+    # None means "the default" (e.g. a dropout probability): the network's own default then applies.
+    return {k: plain(v) for k, v in hparams.items() if k in names and v is not None}
 
 
 def activation_name(module: Any) -> str | None:
@@ -106,6 +107,9 @@ def spatial_divisor(module: Any) -> tuple[int, int, int]:
     halved exactly, so the sizes that the trace records for the upsampling (output padding, target size) hold at
     every valid size.
     """
+    divisor = getattr(module, "patch_divisor", None)  # the module's own rule, where it has one
+    if divisor is not None:
+        return tuple(int(d) for d in divisor)
     hparams = dict(getattr(module, "hparams", {}) or {})
     levels = len(getattr(module.net, "encoders", ())) or int(hparams.get("num_levels", 4))
     dims = int(hparams.get("spatial_dims", 3))

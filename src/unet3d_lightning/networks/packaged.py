@@ -69,25 +69,40 @@ class PackagedUNet(nn.Module):
 
 
 def standalone_source() -> str:
-    """The source of :mod:`.blocks`, :mod:`.unet` and this module as one file that imports only torch (the
-    ``from .x import`` lines dropped; the ``from __future__`` import once, at the top)."""
+    """The source of this module and of the modules of this folder it imports (:mod:`.unet`, :mod:`.blocks`, and
+    theirs), each after those it imports, as one file that imports only torch and the standard library (the
+    ``from .x import`` statements dropped; the ``from __future__`` import once, at the top)."""
+    import re
     from pathlib import Path
 
     here = Path(__file__).parent
-    parts = ['"""unet3d-lightning\'s U-Net (networks/blocks.py, networks/unet.py, networks/packaged.py) as one file, '
-             'for bioimage.io tools; build it with PackagedUNet(**kwargs)."""', "", "from __future__ import annotations"]
-    for name in ("blocks.py", "unet.py", "packaged.py"):
-        lines = (here / name).read_text(encoding="utf-8").splitlines()
+    relative = re.compile(r"^from \.(\w+) import")
+    order: list[str] = []
+    bodies: dict[str, list[str]] = {}
+
+    def add(name: str) -> None:
+        if name in bodies:
+            return
+        bodies[name] = []
         kept, skipping = [], False
-        for line in lines:
+        for line in (here / f"{name}.py").read_text(encoding="utf-8").splitlines():
             if skipping:
                 skipping = not line.rstrip().endswith(")")
                 continue
             if line.startswith("from __future__"):
                 continue
-            if line.startswith("from ."):
+            found = relative.match(line)
+            if found:
+                add(found.group(1))
                 skipping = line.rstrip().endswith("(")
                 continue
             kept.append(line)
-        parts += ["", f"# ---- networks/{name}", *kept]
+        bodies[name] = kept
+        order.append(name)
+
+    add("packaged")
+    parts = ['"""unet3d-lightning\'s U-Net (networks/' + ".py, networks/".join(order) + '.py) as one file, for '
+             'bioimage.io tools; build it with PackagedUNet(**kwargs)."""', "", "from __future__ import annotations"]
+    for name in order:
+        parts += ["", f"# ---- networks/{name}.py", *bodies[name]]
     return "\n".join(parts) + "\n"
