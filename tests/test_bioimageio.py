@@ -56,7 +56,8 @@ def predict(ckpt, volume, out, patch="[8, 16, 16]", stride=None):
 def test_exported_package_passes_test_model_and_predicts_as_the_checkpoint(one_step_fit, tmp_path):
     _, ckpt = one_step_fit
     package = tmp_path / "model.zip"
-    main(["export", "--ckpt_path", str(ckpt), "--output", str(package)])
+    main(["export", "--ckpt_path", str(ckpt), "--output", str(package), "--name", "tiny blobs", "--authors", "A. Person",
+          "--voxel_size", "2", "0.5", "0.5", "--unit", "micrometer"])
     with zipfile.ZipFile(package) as archive:
         names = set(archive.namelist())
         rdf = yaml.safe_load(archive.read("rdf.yaml"))
@@ -74,6 +75,9 @@ def test_exported_package_passes_test_model_and_predicts_as_the_checkpoint(one_s
     (raw,) = rdf["inputs"]
     assert [a.get("id", a["type"]) for a in raw["axes"]] == ["batch", "channel", "z", "y", "x"]
     assert [a["size"] for a in raw["axes"][2:]] == [{"min": 2, "step": 2}] * 3  # f_maps 4, 2 levels: one pooling
+    assert [(a["scale"], a["unit"]) for a in raw["axes"][2:]] == [(2, "micrometer"), (0.5, "micrometer"),
+                                                                   (0.5, "micrometer")]
+    assert rdf["name"] == "tiny blobs" and [a["name"] for a in rdf["authors"]] == ["A. Person"]
     steps = [p for p in raw["preprocessing"] if p["id"] != "ensure_dtype"]  # bioimageio.spec adds float32 casts
     assert [p["id"] for p in steps] == ["zero_mean_unit_variance"]
     assert steps[0]["kwargs"]["axes"] == ["z", "y", "x"]  # per sample and channel, as unet3d
@@ -216,6 +220,12 @@ def test_missing_export_extra_is_one_error_line(tmp_path, capsys, monkeypatch, o
                                f"[{tmp_path / 'vol.h5'}]", "--data.predict_patch_shape", "[8, 16, 16]",
                                "--prediction.output_dir", str(tmp_path / "out")])
     assert "'export' extra" in line and "unet3d-lightning[export]" in line and str(package) in line
-    line = error_line(capsys, ["export", "--ckpt_path", str(one_step_fit[1]), "--output", str(tmp_path / "m.zip")])
+    line = error_line(capsys, ["export", "--ckpt_path", str(one_step_fit[1]), "--output", str(tmp_path / "m.zip"),
+                               "--unit", "furlong"])
     assert "'export' extra" in line and "bioimageio.spec" in line
     assert not (tmp_path / "m.zip").exists() and not (tmp_path / "out").exists()
+    monkeypatch.delitem(sys.modules, "bioimageio.spec")
+    line = error_line(capsys, ["export", "--ckpt_path", str(one_step_fit[1]), "--output", str(tmp_path / "m.zip"),
+                               "--unit", "furlong"])
+    assert "unit 'furlong'" in line and "micrometer" in line
+    assert not (tmp_path / "m.zip").exists()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import getpass
 import io
 import tempfile
+import typing
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -174,6 +175,7 @@ def readme(ckpt_path: Path, checkpoint: dict[str, Any], divisor: tuple[int, int,
 def export_package(
     ckpt_path: Path, module: Any, packaged: torch.nn.Module, output: Path, opset: int = 17,
     log: Callable[[str], None] | None = None, name: str | None = None, authors: list[str] | None = None,
+    voxel_size: list[float] | None = None, unit: str | None = None,
 ) -> None:
     """Write the bioimage.io package of ``module`` (read from ``ckpt_path``; ``packaged`` its exported graph) to
     ``output`` (a zip archive, written to a temporary name and renamed when complete).
@@ -181,6 +183,10 @@ def export_package(
     Args:
         name: the model's name in the package. Default None: ``"unet3d <checkpoint stem>"``.
         authors: author names. Default None: the login name of the user.
+        voxel_size: the voxel size ``[z, y, x]`` of the data the model was trained on, stated as the spatial axes'
+            scale. Default None: 1.
+        unit: the unit of ``voxel_size``, one of bioimage.io's space units (``"micrometer"``, ``"nanometer"``, ...).
+            Default None: none stated.
     """
     import yaml
     from bioimageio.spec import save_bioimageio_package
@@ -205,6 +211,12 @@ def export_package(
     data_hparams = {k: data_hparams[k] for k in ("normalization", "percentiles") if k in data_hparams}
     divisor = spatial_divisor(module)
     in_names, out_names = channel_names(module)
+    if voxel_size is not None and (len(voxel_size) != 3 or min(voxel_size) <= 0):
+        raise ConfigurationError(f"voxel_size {voxel_size}: give three positive numbers z y x")
+    scales = [float(v) for v in voxel_size] if voxel_size is not None else [1.0] * 3
+    units = sorted(typing.get_args(bm.SpaceUnit)) if hasattr(bm, "SpaceUnit") else []
+    if unit is not None and units and unit not in units:
+        raise ConfigurationError(f"unit {unit!r} is not a bioimage.io space unit; one of {', '.join(units)}")
     with tempfile.TemporaryDirectory(prefix=".unet3d-export-", dir=output.parent) as tmp:
         work = Path(tmp)
         example = example_input(module)
@@ -225,13 +237,14 @@ def export_package(
         (work / "README.md").write_text(readme(ckpt_path, checkpoint, divisor, out_names), encoding="utf-8")
 
         spatial_in = [
-            bm.SpaceInputAxis(id=bm.AxisId(axis), size=bm.ParameterizedSize(min=d, step=d))
-            for axis, d in zip("zyx", divisor)
+            bm.SpaceInputAxis(id=bm.AxisId(axis), size=bm.ParameterizedSize(min=d, step=d), scale=scale, unit=unit)
+            for axis, d, scale in zip("zyx", divisor, scales)
         ]
         spatial_out = [
             bm.SpaceOutputAxis(id=bm.AxisId(axis), size=bm.SizeReference(tensor_id=bm.TensorId(INPUT_NAME),
-                                                                         axis_id=bm.AxisId(axis)))
-            for axis in "zyx"
+                                                                         axis_id=bm.AxisId(axis)),
+                              scale=scale, unit=unit)
+            for axis, scale in zip("zyx", scales)
         ]
         probabilities = module.hparams.get("targets") is None and out_names[0].startswith(("class", "mask"))
         inputs = [bm.InputTensorDescr(

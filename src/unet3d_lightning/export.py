@@ -285,7 +285,8 @@ def check_output(output: Path, ckpt_path: Path, overwrite: bool) -> None:
 
 def export(
     ckpt_path: str | Path, output: str | Path, format: str | None = None, overwrite: bool = False,  # noqa: A002
-    opset: int = DEFAULT_OPSET, log: Callable[[str], None] | None = None,
+    opset: int = DEFAULT_OPSET, log: Callable[[str], None] | None = None, name: str | None = None,
+    authors: list[str] | None = None, voxel_size: list[float] | None = None, unit: str | None = None,
 ) -> str:
     """Export the model of ``ckpt_path`` to ``output``; returns the format written.
 
@@ -296,6 +297,10 @@ def export(
         overwrite: replace an existing ``output``. Default False: an existing file is an error.
         opset: the ONNX opset (ONNX and bioimage.io). Default :data:`DEFAULT_OPSET`.
         log: where progress lines go. Default None: nowhere.
+        name, authors: the bioimage.io package's model name and author names. Default None: ``"unet3d <checkpoint
+            stem>"`` and the user's login name.
+        voxel_size, unit: the bioimage.io package's voxel size ``[z, y, x]`` and its unit (e.g. ``"micrometer"``).
+            Default None: not stated (scale 1, no unit).
 
     Raises:
         ConfigurationError: bad arguments, an unreadable checkpoint, a model that cannot be exported, a missing
@@ -326,7 +331,8 @@ def export(
     else:
         from .bioimage import export_package
 
-        export_package(ckpt_path, module, packaged, output, opset=opset, log=log)
+        export_package(ckpt_path, module, packaged, output, opset=opset, log=log, name=name, authors=authors,
+                       voxel_size=voxel_size, unit=unit)
     return fmt
 
 
@@ -342,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torchscript, onnx or bioimageio; default: from the suffix of --output")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    package = parser.add_argument_group("bioimage.io package")
+    package.add_argument("--name", default=None, help="the model's name (default: unet3d <checkpoint name>)")
+    package.add_argument("--authors", nargs="+", default=None, help="author names (default: your login name)")
+    package.add_argument("--voxel_size", nargs=3, type=float, default=None, metavar=("Z", "Y", "X"),
+                         help="voxel size of the training data along z, y, x")
+    package.add_argument("--unit", default=None, help="unit of --voxel_size, e.g. micrometer or nanometer")
     return parser
 
 
@@ -352,7 +364,8 @@ def main(args: list[str] | None = None) -> None:
     parsed = build_parser().parse_args(args)
     try:
         fmt = export(parsed.ckpt_path, parsed.output, parsed.format, parsed.overwrite, parsed.opset,
-                     log=lambda line: print(line, file=sys.stderr))
+                     log=lambda line: print(line, file=sys.stderr), name=parsed.name, authors=parsed.authors,
+                     voxel_size=parsed.voxel_size, unit=parsed.unit)
     except ConfigurationError as err:
         print(f"error: {one_line(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
