@@ -201,7 +201,6 @@ def run_import(capsys, tmp_path, model_config=None, model_path=None, output=None
     ({"is_segmentation": False}, ["is_segmentation", "regression"]),
     ({"upsample": "trilinear"}, ["model.upsample='trilinear'"]),
     ({"conv_padding": 0}, ["conv_padding=0"]),
-    ({"pool_kernel_size": [1, 2, 2]}, ["pool_kernel_size"]),
     ({"f_maps": 16}, ["do not fit", "size mismatch"]),
     ({"out_channels": "two"}, ["out_channels"]),
     ({"layer_order": "cxr"}, ["layer_order 'cxr'"]),

@@ -34,12 +34,15 @@ from .errors import ConfigurationError
 
 IMPORT_COMMAND = "unet3d import-pytorch3dunet --model_path {path} --config train_config.yml --output model.ckpt"
 # Model settings that fix the shape of the weights (a different value cannot load them)...
-WEIGHT_SETTINGS = ("in_channels", "out_channels", "f_maps", "num_levels", "layer_order", "num_groups", "upsample")
+WEIGHT_SETTINGS = ("in_channels", "out_channels", "f_maps", "num_levels", "layer_order", "num_groups", "upsample",
+                   "pool_kernel_size", "conv_kernel_size")
 # ...and those that choose the network the weights belong to.
 NETWORK_SETTINGS = (*WEIGHT_SETTINGS, "architecture", "spatial_dims", "variant")
 # Model settings that change how fast the network runs, not what it computes: the checkpoint records them, but each
 # run takes them from its own config and command line (a GPU-trained, compiled model predicts uncompiled on a CPU).
 RUN_SETTINGS = ("channels_last", "compile")
+# Settings added later: a checkpoint written before them has their default (its network was built with it).
+IMPLIED_SETTINGS = {"pool_kernel_size": 2, "conv_kernel_size": 3}
 
 # The first bytes of a file torch.save writes (a zip archive; the legacy pickle format has no index to lose).
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -305,10 +308,12 @@ def check_model_setting(ckpt_path: str | Path, key: str, value: Any, hparams: Ma
     """A ``model.<key>`` the user gave as ``value`` must be the checkpoint's (its ``hparams``): the model is rebuilt
     from the checkpoint. Run settings (:data:`RUN_SETTINGS`) and keys the checkpoint lacks are this run's choice;
     ``fit`` adds the fix for a run that wants other settings."""
+    if key in IMPLIED_SETTINGS and key not in hparams:
+        hparams = {**hparams, key: IMPLIED_SETTINGS[key]}
     if key not in hparams or key in RUN_SETTINGS:
         return
     # None means "work it out" (multiclass, from the data): the checkpoint's value is that answer.
-    if value is None or same_setting(value, hparams[key]):
+    if value is None or same_setting(value, hparams[key]) or _same_kernels(key, value, hparams):
         return
     why = "its weights have this shape" if key in WEIGHT_SETTINGS else "the model is rebuilt from the checkpoint"
     fix = "; to train with other settings, start a new run (without --ckpt_path)" if fit else ""
@@ -348,6 +353,23 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+def _same_kernels(key: str, value: Any, hparams: Mapping[str, Any]) -> bool:
+    """Whether two forms of a kernel setting (``2``, ``[2, 2, 2]``, one per level) give the same kernels."""
+    if key not in IMPLIED_SETTINGS:
+        return False
+    from .networks.kernels import conv_kernels, pool_kernels
+
+    levels, dims = int(hparams.get("num_levels", 4)), int(hparams.get("spatial_dims", 3))
+    f_maps = hparams.get("f_maps")
+    if isinstance(f_maps, (list, tuple)):
+        levels = len(f_maps)
+    normalise = pool_kernels if key == "pool_kernel_size" else conv_kernels
+    try:
+        return normalise(plain(value), levels, dims) == normalise(plain(hparams[key]), levels, dims)
+    except ValueError:
+        return False
 
 
 def same_setting(a: Any, b: Any) -> bool:

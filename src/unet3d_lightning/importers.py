@@ -22,16 +22,20 @@ Mapping of the ``model`` section (anything else ends in one ``error:`` line nami
 ``out_channels``,
 ``f_maps``, ``num_groups``
 ``num_levels``              the same (defaults as pytorch-3dunet: 4, residual networks 5)
-``layer_order``             the same; dropout letters ``d``/``D`` are dropped (dropout does nothing at prediction)
+``layer_order``             the same, dropout letters ``d`` (``nn.Dropout``) and ``D`` (channel dropout) included
 ``final_sigmoid``           true → ``loss: bce`` (per-channel sigmoid masks), false → ``loss: ce`` (softmax)
 ``is_segmentation``         must be true (regression networks have no final activation here)
 ``upsample``                ``default``/``nearest`` → ``interpolate`` for ``UNet*``, ``default`` → ``deconv`` for
                             residual networks; ``deconv`` → ``deconv`` for ``UNet*``
-``conv_padding``,           must be 1, 2, 3 and 2 (pytorch-3dunet's defaults)
-``conv_upscale``,
-``conv_kernel_size``,
-``pool_kernel_size``
-``dropout_prob``            ignored (no effect at prediction)
+``conv_padding``,           must be 1 and 2 (pytorch-3dunet's defaults): its constructors pass them on, and
+``conv_upscale``            other values build networks whose output is not the input's size, or other channels
+``conv_kernel_size``,       ignored with a note, as pytorch-3dunet 1.9.6 does: ``UNet3D``, ``ResidualUNet3D``,
+``pool_kernel_size``        ``ResidualUNetSE3D``, ``UNet2D`` and ``ResidualUNet2D`` take them in ``**kwargs`` and
+                            never pass them on, so its networks always convolve 3 and pool 2 (and the weights say
+                            so); the imported model has those
+``dropout_prob``            → ``dropout`` where ``layer_order`` has ``d``/``D`` (default 0.1; a pair
+                            ``[first, second]`` per double convolution); residual networks get 0.1 whatever it says,
+                            since pytorch-3dunet's residual blocks never pass it to their convolutions
 any other key               ignored with a note, as pytorch-3dunet 1.9 ignores it (``testing`` of older configs)
 ==========================  ==================================================================================
 """
@@ -60,10 +64,12 @@ SUPPORTED_MODELS = {
     "ResidualUNet2D": ("residual_unet", 2),
 }
 # Settings pytorch-3dunet lets a config change but that only its defaults are supported for here.
-_FIXED = {"conv_padding": 1, "conv_upscale": 2, "conv_kernel_size": 3, "pool_kernel_size": 2}
+_FIXED = {"conv_padding": 1, "conv_upscale": 2}
+# Keys pytorch-3dunet 1.9.6's network constructors take in **kwargs and never use: its networks always have these.
+_SWALLOWED = {"conv_kernel_size": 3, "pool_kernel_size": 2}
 _KNOWN = {
     "name", "in_channels", "out_channels", "f_maps", "num_levels", "layer_order", "num_groups", "final_sigmoid",
-    "is_segmentation", "upsample", "dropout_prob", *_FIXED,
+    "is_segmentation", "upsample", "dropout_prob", *_FIXED, *_SWALLOWED,
 }
 
 # Their parameter names → ours (see architectures.py): block internals first, then the level prefixes.
@@ -107,9 +113,22 @@ def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[
     for key, default in _FIXED.items():
         value = model.get(key, default)
         if value != default and not (isinstance(value, (list, tuple)) and set(value) == {default}):
+            why = (f" ({name} does pass it to its 3x3x3 convolutions, unlike conv_kernel_size and pool_kernel_size, "
+                   "and only padding 1 keeps their output the input's size, as every network here does)"
+                   if key == "conv_padding" else "")
             raise ConfigurationError(
-                f"{source}: model.{key}={value!r} is not supported; only pytorch-3dunet's default {default} is"
+                f"{source}: model.{key}={value!r} is not supported; only pytorch-3dunet's default {default} is{why}"
             )
+    swallowed = {
+        key: model[key] for key in _SWALLOWED if key in model and not _all_equal_to(model[key], _SWALLOWED[key])
+    }
+    if swallowed:
+        given = ", ".join(f"{key}={value!r}" for key, value in swallowed.items())
+        notes.append(
+            f"model.{given} ignored, as pytorch-3dunet 1.9.6's {name} ignores it (its constructor takes it in **kwargs "
+            "and never passes it on): the trained network convolves 3 and pools 2 on every axis, and so does the "
+            "imported one"
+        )
     for key in ("in_channels", "out_channels"):
         _positive_int(model.get(key), key, source)
     for key in ("is_segmentation", "final_sigmoid"):
@@ -125,9 +144,7 @@ def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[
             "supported; only segmentation networks (sigmoid or softmax output) can be imported"
         )
     order = str(model.get("layer_order", "gcr"))
-    if "d" in order.lower():
-        notes.append(f"layer_order {order!r}: dropout dropped (it does nothing at prediction)")
-        order = order.replace("d", "").replace("D", "")
+    dropout = _dropout(model, order, architecture, name, source, notes)
     upsample = model.get("upsample", "default")
     if architecture == "unet":
         modes = {"default": "interpolate", "nearest": "interpolate", "deconv": "deconv"}
@@ -163,7 +180,45 @@ def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[
         "loss": "bce" if final_sigmoid else "ce",
         "multiclass": not final_sigmoid,
     }
+    if dropout is not None:
+        settings["dropout"] = dropout
     return settings, notes
+
+
+def _all_equal_to(value: Any, default: int) -> bool:
+    """Whether a kernel setting (an int or nested lists of them) is ``default`` everywhere."""
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_all_equal_to(v, default) for v in value)
+    return value == default
+
+
+def _dropout(model: dict[str, Any], order: str, architecture: str, name: str, source: str,
+             notes: list[str]) -> float | list[float] | None:
+    """Our ``model.dropout`` for pytorch-3dunet's ``dropout_prob`` and the ``d``/``D`` letters of ``order``, as its
+    1.9.6 networks use them: the double convolutions of ``UNet*`` take ``dropout_prob`` (one value or one per
+    convolution), the residual blocks always 0.1 (``ResNetBlock`` builds its convolutions without passing it on);
+    without a dropout letter there is no dropout layer at all (None)."""
+    given = model.get("dropout_prob", 0.1)
+    values = given if isinstance(given, (list, tuple)) else [given]
+    if len(values) not in (1, 2) or not all(
+            isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in values):
+        raise ConfigurationError(
+            f"{source}: model.dropout_prob must be a probability in [0, 1] or a pair of them, got {given!r}"
+        )
+    if not any(letter in order for letter in "dD"):
+        if "dropout_prob" in model:
+            notes.append(f"model.dropout_prob ignored: layer_order {order!r} has no dropout layer (d/D), in "
+                         "pytorch-3dunet as here")
+        return None
+    if architecture != "unet":
+        if any(float(p) != 0.1 for p in values):
+            notes.append(f"model.dropout_prob={given!r}: {name}'s residual blocks ignore it and drop out with 0.1 "
+                         "(pytorch-3dunet 1.9.6), so the imported model has dropout 0.1 (active only in training)")
+        return 0.1
+    dropout = [float(p) for p in values] if len(values) == 2 else float(values[0])
+    notes.append(f"layer_order {order!r}: dropout {dropout} kept (model.dropout; active only in training, never at "
+                 "prediction)")
+    return dropout
 
 
 def _positive_int(value: Any, key: str, source: str, alternative: str = "") -> int:

@@ -24,7 +24,7 @@ from torchmetrics.classification import (
 from .data.targets import MASKED
 from .errors import ConfigurationError
 from .losses import apply_final_activation, create_loss, final_activation_name
-from .networks import build_network, slice_wise
+from .networks import DEFAULT_DROPOUT, build_network, patch_divisor, slice_wise
 from .prediction.engine import inference_context
 
 LossName = Literal["ce", "wce", "bce", "dice", "bce_dice"]
@@ -89,6 +89,17 @@ class UNet3DModule(pl.LightningModule):
             Default None: the outputs are class probabilities or masks. Runs with such targets also log
             ``val/arand`` (adapted Rand error, lower is better) and ``val/ap`` (average precision at IoU 0.5, higher
             is better), see :mod:`unet3d_lightning.instances`.
+        pool_kernel_size: pooling factor per axis of each level: an int (every axis and level), one ``[z, y, x]``
+            (``[y, x]`` for ``spatial_dims`` 2) for every level, or ``num_levels - 1`` of them, one per pooling, e.g.
+            ``[[1, 2, 2], [1, 2, 2], [2, 2, 2]]`` for voxels 4 times as deep as wide (README "Anisotropic data").
+            The decoders upsample by the same factors; patches must be at least the product of each axis' factors
+            long (:attr:`patch_divisor`, checked at setup). Default 2 (the classic U-Net).
+        conv_kernel_size: kernel of every convolution of a level, in the same forms with ``num_levels`` entries,
+            e.g. ``[[1, 3, 3], [3, 3, 3], [3, 3, 3]]``; odd sizes, padded to keep the size. Default 3.
+        dropout: probability of the ``d`` (dropout) and ``D`` (channel dropout) letters of ``layer_order``, as
+            pytorch-3dunet's ``dropout_prob``: one value, or ``[first, second]`` for each block's two convolutions.
+            Active in training only (no effect at prediction or validation). Default None: 0.1 where the layer order
+            has such a letter; a value with no such letter is an error.
     """
 
     def __init__(
@@ -116,16 +127,26 @@ class UNet3DModule(pl.LightningModule):
         channels_last: bool = True,
         compile: bool = False,  # noqa: A002 - the user's word for it; stored in hparams, never as an attribute
         targets: dict[str, Any] | None = None,
+        pool_kernel_size: int | list[int] | list[list[int]] = 2,
+        conv_kernel_size: int | list[int] | list[list[int]] = 3,
+        dropout: float | list[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if dropout is not None and not any(letter in str(layer_order) for letter in "dD"):
+            raise ConfigurationError(
+                f"model.dropout {dropout!r} has no effect: model.layer_order {layer_order!r} has no dropout layer; "
+                f"add 'd' (dropout) or 'D' (channel dropout), e.g. {str(layer_order) + 'd'!r}, or drop model.dropout"
+            )
         try:
             self.net = build_network(
                 architecture, in_channels, out_channels, f_maps, num_levels, layer_order, num_groups, upsample,
-                spatial_dims, variant,
+                spatial_dims, variant, pool_kernel_size=_plain_kernel(pool_kernel_size),
+                conv_kernel_size=_plain_kernel(conv_kernel_size),
+                dropout=DEFAULT_DROPOUT if dropout is None else dropout,
             )
         except ValueError as err:
-            raise ConfigurationError(f"model: {err}") from None
+            raise ConfigurationError(_model_message(err)) from None
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -155,6 +176,15 @@ class UNet3DModule(pl.LightningModule):
         self.predict_tta = False
         # Memory format of the network's input, set when a run starts (None: leave the input as it comes).
         self.input_memory_format: torch.memory_format | None = None
+
+    @property
+    def patch_divisor(self) -> tuple[int, int, int]:
+        """Per axis ``(z, y, x)``, the product of the network's pooling factors: the shortest patch each axis takes
+        (:func:`~unet3d_lightning.networks.kernels.patch_divisor`; z is 1 for a 2D network)."""
+        hp = self.hparams
+        return patch_divisor(
+            _plain_kernel(hp.get("pool_kernel_size", 2)), len(self.net.channels), int(hp.get("spatial_dims", 3))
+        )
 
     # ----------------------------------------------------------------------------------------------- task set-up
     def _configure_task(self, multiclass: bool, instance_targets: bool = False) -> None:
@@ -561,3 +591,19 @@ def flip_tta(predict: Any, x: Tensor) -> Tensor:
         out = out.flip(dims) if dims else out
         total = out if total is None else total + out
     return total / len(flips)
+
+
+def _plain_kernel(value: Any) -> Any:
+    """A kernel setting as plain ints and lists (jsonargparse and YAML may hand over tuples or other sequences)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain_kernel(v) for v in value]
+    return value
+
+
+def _model_message(err: ValueError) -> str:
+    """A network's message as one line: ``model.<key> ...`` where it names a kernel or dropout setting, else
+    ``model: ...``."""
+    text = str(err)
+    if text.startswith(("pool_kernel_size ", "conv_kernel_size ", "dropout ")):
+        return "model." + text
+    return f"model: {text}"

@@ -228,7 +228,9 @@ class VolumeDataModule(pl.LightningDataModule):
         data against."""
         if model is None and self.trainer is not None:
             model = self.trainer.lightning_module
-        return {k: getattr(model, k, None) for k in ("in_channels", "out_channels", "ignore_index", "spatial_dims")}
+        spec = {k: getattr(model, k, None) for k in ("in_channels", "out_channels", "ignore_index", "spatial_dims")}
+        spec["patch_divisor"] = getattr(model, "patch_divisor", None)
+        return spec
 
     def setup(self, stage: str) -> None:
         """Check the volumes of ``stage`` (see :meth:`check`) and build their datasets."""
@@ -287,10 +289,18 @@ class VolumeDataModule(pl.LightningDataModule):
                     f"data.{key} {list(patch)} has z = {patch[0]}, but the model is 2D (model.spatial_dims=2) and "
                     f"works on single z-slices; use [1, {patch[1]}, {patch[2]}]"
                 )
+            if spec.get("patch_divisor") is not None:
+                check_patch_divisor(patch, spec["patch_divisor"], self._patch_key(role))
             if role != "predict":
                 for volume in self.volumes[role]:  # and so is a volume smaller than its patch
                     self._grid(volume, volume.spatial_shape, patch, stride, role)
         return roles
+
+    def _patch_key(self, role: str) -> str:
+        """The ``data.`` key the patch shape of ``role`` comes from."""
+        if role in ("train", "predict"):
+            return f"{role}_patch_shape"
+        return "val_patch_shape" if self.val_patch_shape else "train_patch_shape"
 
     def _check_offsets(self, roles: Sequence[str]) -> None:
         """Every affinity offset must link voxels inside a patch: one as long as the patch links none (its channel
@@ -568,3 +578,23 @@ def _shape(value: Sequence[int] | None, name: str) -> Shape3 | None:
 # The name of earlier versions, when only HDF5 was read: the same class, so settings, config files and checkpoints
 # written with it keep working.
 HDF5DataModule = VolumeDataModule
+
+
+def check_patch_divisor(patch: Sequence[int], divisor: Sequence[int], key: str) -> None:
+    """A patch must be at least the network's patch divisor along every axis (each axis' pooling factors multiplied,
+    :func:`~unet3d_lightning.networks.kernels.patch_divisor`): shorter, its deepest levels would pool an axis that is
+    down to one voxel already (and pytorch-3dunet's floor-mode pooling would fail). Raises a ConfigurationError
+    naming ``data.<key>``, the smallest valid patch and the anisotropic alternative."""
+    short = [axis for axis, p, d in zip("zyx", patch, divisor) if int(p) < int(d)]
+    if not short:
+        return
+    smallest = [max(int(p), int(d)) for p, d in zip(patch, divisor)]
+    alternative = ""
+    if short == ["z"] and int(divisor[1]) > 1 and key != "predict_patch_shape":  # a trained model keeps its pooling
+        alternative = (f", or pool z less (model.pool_kernel_size per level, e.g. [1, 2, 2] for the first levels; "
+                       "README 'Anisotropic data')")
+    raise ConfigurationError(
+        f"data.{key} {list(patch)} is shorter along {', '.join(short)} than the network's patch divisor "
+        f"{list(divisor)} (each axis' pooling factors multiplied, model.pool_kernel_size over model.num_levels); "
+        f"the smallest valid patch is {smallest}{alternative}"
+    )

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 from .blocks import (
+    DEFAULT_DROPOUT,
     LAYER_LETTERS,
     SPATIAL_DIMS,
     VARIANTS,
@@ -43,6 +44,7 @@ from .blocks import (
     conv_class,
     parse_layer_order,
 )
+from .kernels import KernelSetting, conv_kernels, patch_divisor, pool_kernels, receptive_field
 from .unet import (
     BLOCKS,
     JOININGS,
@@ -99,6 +101,9 @@ def build_network(
     upsample: str = "deconv",
     spatial_dims: int = 3,
     variant: str = "native",
+    pool_kernel_size: KernelSetting = 2,
+    conv_kernel_size: KernelSetting = 3,
+    dropout: float | Sequence[float] = DEFAULT_DROPOUT,
 ) -> nn.Module:
     """The network of ``model.architecture``; every other argument as in :class:`UNet`.
 
@@ -108,6 +113,9 @@ def build_network(
         spatial_dims: 3 or 2. Default 3.
         variant: ``"native"`` or ``"pytorch3dunet"`` (see :mod:`unet3d_lightning.networks.unet`). Default
             ``"native"``.
+        pool_kernel_size, conv_kernel_size: per-level, per-axis pooling factors and convolution kernels (an int, one
+            ``[z, y, x]``, or one per level; :mod:`~unet3d_lightning.networks.kernels`). Default 2 and 3.
+        dropout: probability of the layer order's ``d``/``D`` layers. Default 0.1.
 
     Raises:
         ValueError: an unknown architecture or variant, or arguments the network rejects.
@@ -120,7 +128,7 @@ def build_network(
     return builder(
         in_channels=in_channels, out_channels=out_channels, f_maps=f_maps, num_levels=num_levels,
         layer_order=layer_order, num_groups=num_groups, upsample=upsample, spatial_dims=spatial_dims,
-        variant=variant,
+        variant=variant, pool_kernel_size=pool_kernel_size, conv_kernel_size=conv_kernel_size, dropout=dropout,
     )
 
 
@@ -135,7 +143,8 @@ def slice_wise(net: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 
 __all__ = [
-    "ARCHITECTURES", "ARCHITECTURE_BUILDERS", "BLOCKS", "JOININGS", "LAYER_LETTERS", "SPATIAL_DIMS",
+    "ARCHITECTURES", "ARCHITECTURE_BUILDERS", "BLOCKS", "DEFAULT_DROPOUT", "KernelSetting", "conv_kernels",
+    "patch_divisor", "pool_kernels", "receptive_field", "JOININGS", "LAYER_LETTERS", "SPATIAL_DIMS",
     "UPSAMPLE_MODES", "VARIANTS", "DecoderLevel", "DoubleConv", "ResidualBlock", "SingleConv", "SqueezeExcitation",
     "UNet", "UNet3D", "build_network", "build_residual_se_unet", "build_residual_unet", "build_unet",
     "check_input", "check_spatial_dims", "conv_class", "has_forward_hooks", "level_channels", "parse_layer_order",

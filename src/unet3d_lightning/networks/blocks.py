@@ -8,6 +8,8 @@ from ``variant`` (see :mod:`unet3d_lightning.networks.unet`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -19,7 +21,11 @@ LAYER_LETTERS = {
     "e": "ELU",
     "g": "GroupNorm",
     "b": "BatchNorm3d",
+    "d": "Dropout (model.dropout)",
+    "D": "channel Dropout (whole feature maps; pytorch-3dunet's Dropout2d)",
 }
+# pytorch-3dunet's dropout probability where a config gives none (its dropout_prob default).
+DEFAULT_DROPOUT = 0.1
 SPATIAL_DIMS = (2, 3)
 # Layer details: ours, or those of pytorch-3dunet (for networks imported from it).
 VARIANTS = ("native", "pytorch3dunet")
@@ -28,11 +34,14 @@ VARIANTS = ("native", "pytorch3dunet")
 def parse_layer_order(layer_order: str) -> str:
     """Validate a layer-order string such as ``"crg"`` (conv, ReLU, GroupNorm) and return it lower-cased.
 
-    Letters: ``c`` conv, ``r`` ReLU, ``l`` LeakyReLU, ``e`` ELU, ``g`` GroupNorm, ``b`` BatchNorm. Exactly one ``c``,
-    at most one activation and at most one normalisation, no letter twice.
+    Letters: ``c`` conv, ``r`` ReLU, ``l`` LeakyReLU, ``e`` ELU, ``g`` GroupNorm, ``b`` BatchNorm, and as in
+    pytorch-3dunet ``d`` dropout (``nn.Dropout``: each element zeroed with the dropout probability) and ``D``
+    channel dropout (whole feature maps zeroed: pytorch-3dunet's ``nn.Dropout2d``, which on a 3D network's 5D
+    features computes what ``nn.Dropout3d`` does). Exactly one ``c``, at most one activation and at most one
+    normalisation, no letter twice. Letters are case-insensitive except ``d``/``D``.
     """
     valid = ", ".join(f"'{k}' {v}" for k, v in LAYER_LETTERS.items())
-    order = str(layer_order).lower()
+    order = "".join(letter if letter in "dD" else letter.lower() for letter in str(layer_order))
     unknown = sorted(set(order) - set(LAYER_LETTERS))
     if unknown or not order:
         raise ValueError(f"layer_order {layer_order!r} has unknown letters {unknown}; valid letters are {valid}")
@@ -70,6 +79,11 @@ def _group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels)
 
 
+def same_padding(kernel_size: int | tuple[int, ...]) -> int | tuple[int, ...]:
+    """``k // 2`` per axis: the padding that keeps the size for an odd kernel ``k``."""
+    return kernel_size // 2 if isinstance(kernel_size, int) else tuple(k // 2 for k in kernel_size)
+
+
 class SingleConv(nn.Sequential):
     """A 3×3×3 (or 3×3) convolution with its activation and normalisation, in the order given by ``layer_order``.
 
@@ -81,11 +95,15 @@ class SingleConv(nn.Sequential):
         variant: ``"native"``: the convolution has a bias unless a normalisation follows it, LeakyReLU has slope
             0.1. ``"pytorch3dunet"``: as pytorch-3dunet builds it, a bias only when the layer order has no
             normalisation at all, LeakyReLU slope 0.01 (torch's default). Default ``"native"``.
+        kernel_size: the convolution's kernel, an odd int or one odd size per axis; padded by ``k // 2`` so the
+            output keeps the input's size. Default 3.
+        dropout: probability of the ``d``/``D`` layers of ``layer_order`` (none without them). Default 0.1.
     """
 
     def __init__(
         self, in_channels: int, out_channels: int, layer_order: str = "crg", num_groups: int = 8,
-        spatial_dims: int = 3, variant: str = "native",
+        spatial_dims: int = 3, variant: str = "native", kernel_size: int | tuple[int, ...] = 3,
+        dropout: float = DEFAULT_DROPOUT,
     ) -> None:
         super().__init__()
         order = parse_layer_order(layer_order)
@@ -101,7 +119,9 @@ class SingleConv(nn.Sequential):
         for i, letter in enumerate(order):
             channels = in_channels if i < conv_at else out_channels
             if letter == "c":
-                conv = conv_class(spatial_dims)(in_channels, out_channels, kernel_size=3, padding=1, bias=bias)
+                conv = conv_class(spatial_dims)(
+                    in_channels, out_channels, kernel_size=kernel_size, padding=same_padding(kernel_size), bias=bias
+                )
                 self.add_module("conv", conv)
             elif letter == "r":
                 self.add_module("relu", nn.ReLU(inplace=True))
@@ -113,18 +133,38 @@ class SingleConv(nn.Sequential):
                 self.add_module("groupnorm", _group_norm(channels, num_groups))
             elif letter == "b":
                 self.add_module("batchnorm", batch_norm(channels))
+            elif letter == "d":
+                self.add_module("dropout", nn.Dropout(p=dropout))
+            elif letter == "D":
+                channel_dropout = nn.Dropout3d if spatial_dims == 3 else nn.Dropout2d
+                self.add_module("channel_dropout", channel_dropout(p=dropout))
+
+
+def dropout_pair(dropout: float | Sequence[float]) -> tuple[float, float]:
+    """The dropout probabilities of a block's two convolutions: one for both, or ``[first, second]`` (the pair form
+    of pytorch-3dunet's ``dropout_prob``); each in ``[0, 1]``."""
+    pair = (dropout, dropout) if isinstance(dropout, (int, float)) else tuple(dropout)
+    if len(pair) != 2 or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in pair):
+        raise ValueError(
+            f"dropout {dropout!r} must be a probability in [0, 1], or two of them [first, second convolution]"
+        )
+    return float(pair[0]), float(pair[1])
 
 
 class DoubleConv(nn.Sequential):
-    """Two :class:`SingleConv`; ``mid_channels`` is the first one's output."""
+    """Two :class:`SingleConv`; ``mid_channels`` is the first one's output. ``kernel_size`` (default 3) is both
+    convolutions' kernel; ``dropout`` (default 0.1) the probability of their ``d``/``D`` layers, one value or one per
+    convolution."""
 
     def __init__(
         self, in_channels: int, mid_channels: int, out_channels: int, layer_order: str, num_groups: int,
-        spatial_dims: int = 3, variant: str = "native",
+        spatial_dims: int = 3, variant: str = "native", kernel_size: int | tuple[int, ...] = 3,
+        dropout: float | Sequence[float] = DEFAULT_DROPOUT,
     ) -> None:
+        first, second = dropout_pair(dropout)
         super().__init__(
-            SingleConv(in_channels, mid_channels, layer_order, num_groups, spatial_dims, variant),
-            SingleConv(mid_channels, out_channels, layer_order, num_groups, spatial_dims, variant),
+            SingleConv(in_channels, mid_channels, layer_order, num_groups, spatial_dims, variant, kernel_size, first),
+            SingleConv(mid_channels, out_channels, layer_order, num_groups, spatial_dims, variant, kernel_size, second),
         )
 
 
@@ -172,11 +212,15 @@ class ResidualBlock(nn.Module):
         variant: ``"native"`` or ``"pytorch3dunet"`` (convolution bias and LeakyReLU slope; see
             :class:`SingleConv`). Default ``"native"``.
         squeeze_excitation: end with :class:`SqueezeExcitation`. Default False.
+        kernel_size: both convolutions' kernel (odd, "same" padding). Default 3.
+        dropout: probability of the ``d``/``D`` layers, one value or one per convolution; both convolutions keep the
+            order's dropout letters (the second drops only the activation). Default 0.1.
     """
 
     def __init__(
         self, in_channels: int, out_channels: int, layer_order: str = "crg", num_groups: int = 8,
         spatial_dims: int = 3, variant: str = "native", squeeze_excitation: bool = False,
+        kernel_size: int | tuple[int, ...] = 3, dropout: float | Sequence[float] = DEFAULT_DROPOUT,
     ) -> None:
         super().__init__()
         order = parse_layer_order(layer_order)
@@ -184,9 +228,14 @@ class ResidualBlock(nn.Module):
             self.project: nn.Module = conv_class(spatial_dims)(in_channels, out_channels, kernel_size=1)
         else:
             self.project = nn.Identity()
-        self.conv1 = SingleConv(out_channels, out_channels, order, num_groups, spatial_dims, variant)
+        first, second = dropout_pair(dropout)
+        self.conv1 = SingleConv(
+            out_channels, out_channels, order, num_groups, spatial_dims, variant, kernel_size, first
+        )
         no_activation = "".join(letter for letter in order if letter not in "rle")
-        self.conv2 = SingleConv(out_channels, out_channels, no_activation, num_groups, spatial_dims, variant)
+        self.conv2 = SingleConv(
+            out_channels, out_channels, no_activation, num_groups, spatial_dims, variant, kernel_size, second
+        )
         # The activation after the sum, as in pytorch-3dunet: the order's own, ReLU when it has none; its LeakyReLU
         # slope is 0.1 in both variants.
         if "l" in order:

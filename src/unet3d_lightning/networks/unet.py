@@ -15,10 +15,16 @@ residual blocks (Lee et al. 2017, arXiv:1706.00120; see :class:`~unet3d_lightnin
 each level is one block, and the decoder upsamples with a transposed convolution to the skip connection's channels
 and joins by summation, as pytorch-3dunet's ``ResidualUNet3D``.
 
-Any input size works: pooling uses ``ceil_mode`` (a level of odd size ``2k+1`` pools to ``k+1``), and upsampling
-targets the exact size of the skip connection (``ConvTranspose3d`` with ``output_size``, or ``interpolate`` with
+Pooling and convolution kernels may differ per level and axis (``pool_kernel_size``, ``conv_kernel_size``; see
+:mod:`~unet3d_lightning.networks.kernels`): e.g. ``[1, 2, 2]`` pooling for anisotropic voxels, each decoder undoing
+its level's factors. The defaults, 2 and 3 everywhere, build the classic network module for module.
+
+Any input size works: pooling uses ``ceil_mode`` (a level of size ``f k + r`` pools to ``k + 1``), and upsampling
+targets the exact size of the skip connection (``ConvTranspose3d`` of kernel ``2f - 1``, stride ``f`` and padding
+``f - 1`` with ``output_size``, which reaches every size ceil-mode pooling came from, or ``interpolate`` with
 ``size``). Nothing is padded or cropped, so the output has exactly the input's spatial size, and a size of ``n``
-along an axis needs no multiple of ``2**(num_levels - 1)``.
+along an axis needs no multiple of the axis' pooling factors multiplied (the patch-size rule of the data asks only
+for at least that many voxels, so that no level pools an axis already down to one voxel).
 
 pytorch-3dunet's layer details differ from ours in a few places, recorded in the checkpoint as ``variant``:
 
@@ -36,6 +42,7 @@ layer has read it (:meth:`UNet.forward`); the result is bit-identical to calling
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -44,7 +51,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .blocks import VARIANTS, DoubleConv, ResidualBlock, check_spatial_dims, conv_class, parse_layer_order
+from .blocks import (
+    DEFAULT_DROPOUT,
+    VARIANTS,
+    DoubleConv,
+    ResidualBlock,
+    check_spatial_dims,
+    conv_class,
+    dropout_pair,
+    parse_layer_order,
+)
+from .kernels import KernelSetting, conv_kernels, pool_kernels
 
 UPSAMPLE_MODES = ("deconv", "interpolate")
 BLOCKS = ("double_conv", "residual", "residual_se")
@@ -94,30 +111,40 @@ class DecoderLevel(nn.Module):
     Args:
         deep_channels, skip_channels: channels of the deeper level and of the skip connection.
         make_block: ``(in_channels, out_channels) -> block``.
-        upsample: ``"deconv"`` (a transposed convolution, kernel 3, stride 2) or ``"interpolate"`` (nearest).
+        upsample: ``"deconv"`` (a transposed convolution of stride ``scale``) or ``"interpolate"`` (nearest).
             Default ``"deconv"``.
         joining: ``"concat"`` (skip first, as pytorch-3dunet) or ``"sum"``. Default ``"concat"``.
         spatial_dims: 3 or 2. Default 3.
         variant: ``"native"`` (exact-size transposed convolution with bias) or ``"pytorch3dunet"`` (bias-free, then
             nearest resizing to the skip's size). Default ``"native"``.
         up_channels: output channels of the transposed convolution. Default None: ``skip_channels``.
+        scale: the pooling factor per axis between this level and the deeper one, which the transposed convolution
+            undoes with that stride: native, kernel ``2f - 1`` and padding ``f - 1`` per axis (3 and 1 for the
+            classic ``f = 2``; a 1×1 kernel along an axis that is not pooled), which reaches every size that
+            ceil-mode pooling came from; pytorch-3dunet's, kernel 3 and padding 1. Default 2 on every axis.
     """
 
     def __init__(
         self, deep_channels: int, skip_channels: int, make_block: Callable[[int, int], nn.Module],
         upsample: str = "deconv", joining: str = "concat", spatial_dims: int = 3, variant: str = "native",
-        up_channels: int | None = None,
+        up_channels: int | None = None, scale: int | Sequence[int] = 2,
     ) -> None:
         super().__init__()
         self.variant = variant
         self.up: nn.Module | None = None
         if upsample == "deconv":
             up_channels = skip_channels if up_channels is None else up_channels
-            # kernel 3, stride 2, padding 1 gives 2n-1 or 2n voxels (output_size picks); with ceil-mode pooling
-            # that is always the skip connection's size.
+            # kernel 2f-1, stride f, padding f-1 gives f n - f + 1 ... f n voxels (output_size picks): every size
+            # that ceil-mode pooling by f brings down to n. For f = 2: kernel 3, stride 2, padding 1, as ever.
             transposed = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
+            factors = (scale,) * spatial_dims if isinstance(scale, int) else tuple(scale)
+            if variant == "native":
+                kernel, padding = tuple(2 * f - 1 for f in factors), tuple(f - 1 for f in factors)
+            else:
+                kernel, padding = (3,) * spatial_dims, (1,) * spatial_dims
             self.up = transposed(
-                deep_channels, up_channels, kernel_size=3, stride=2, padding=1, bias=variant == "native"
+                deep_channels, up_channels, kernel_size=kernel, stride=factors, padding=padding,
+                bias=variant == "native",
             )
         else:
             up_channels = deep_channels
@@ -188,6 +215,15 @@ class UNet(nn.Module):
         variant: ``"native"`` or ``"pytorch3dunet"`` (see the module docstring). Default ``"native"``.
         joining: how a decoder joins the skip connection, ``"concat"`` or ``"sum"``. Default None: as
             pytorch-3dunet by default, summation for residual blocks with ``deconv`` upsampling, else concatenation.
+        pool_kernel_size: pooling factor (max-pooling window = stride) of each level: an int for every axis and
+            level, one ``[z, y, x]`` (``[y, x]`` in 2D) for every level, or ``num_levels - 1`` of them, one per
+            pooling (see :mod:`~unet3d_lightning.networks.kernels`). The decoders upsample by the same factors.
+            Default 2.
+        conv_kernel_size: kernel of every convolution of a level (encoder and decoder), in the same forms with
+            ``num_levels`` entries; odd sizes only, padded to keep the size. Default 3.
+        dropout: probability of the ``d``/``D`` layers of ``layer_order``, one value or ``[first, second]`` per
+            block's two convolutions; no effect without those letters, nor in eval mode (prediction, validation).
+            Default 0.1 (pytorch-3dunet's ``dropout_prob``).
 
     Example::
 
@@ -211,6 +247,9 @@ class UNet(nn.Module):
         block: str = "double_conv",
         variant: str = "native",
         joining: str | None = None,
+        pool_kernel_size: KernelSetting = 2,
+        conv_kernel_size: KernelSetting = 3,
+        dropout: float | Sequence[float] = DEFAULT_DROPOUT,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -230,30 +269,38 @@ class UNet(nn.Module):
         self.variant = variant
         self.channels = level_channels(f_maps, num_levels)
         order = parse_layer_order(layer_order)
+        # Per level and axis; plain tuples, no modules: the classic network's modules and weights stay as they were.
+        self.pool_kernels = pool_kernels(pool_kernel_size, len(self.channels), spatial_dims)
+        self.conv_kernels = conv_kernels(conv_kernel_size, len(self.channels), spatial_dims)
+        drop = dropout_pair(dropout)
 
-        def encoder_block(cin: int, cout: int) -> nn.Module:
+        def block_at(level: int, cin: int, cout: int, mid: int) -> nn.Module:
+            kernel = self.conv_kernels[level]
             if block == "double_conv":
-                # The first convolution goes to half the level's channels, never below its input (Çiçek et al.).
-                return DoubleConv(cin, max(cout // 2, cin), cout, order, num_groups, spatial_dims, variant)
-            return ResidualBlock(cin, cout, order, num_groups, spatial_dims, variant, block == "residual_se")
+                return DoubleConv(cin, mid, cout, order, num_groups, spatial_dims, variant, kernel, drop)
+            return ResidualBlock(cin, cout, order, num_groups, spatial_dims, variant, block == "residual_se",
+                                 kernel, drop)
 
-        def decoder_block(cin: int, cout: int) -> nn.Module:
-            if block == "double_conv":
-                return DoubleConv(cin, cout, cout, order, num_groups, spatial_dims, variant)
-            return ResidualBlock(cin, cout, order, num_groups, spatial_dims, variant, block == "residual_se")
+        def encoder_block(level: int, cin: int, cout: int) -> nn.Module:
+            # The first convolution goes to half the level's channels, never below its input (Çiçek et al.).
+            return block_at(level, cin, cout, max(cout // 2, cin))
+
+        def decoder_block(level: int) -> Callable[[int, int], nn.Module]:
+            return lambda cin, cout: block_at(level, cin, cout, cout)
 
         # The native double-convolution U-Net's transposed convolution keeps the deeper level's channels; every
         # other one goes to the skip connection's (which summation needs, and pytorch-3dunet does).
         keep_deep = block == "double_conv" and variant == "native" and joining == "concat"
         self.encoders = nn.ModuleList()
         previous = in_channels
-        for channels in self.channels:
-            self.encoders.append(encoder_block(previous, channels))
+        for level, channels in enumerate(self.channels):
+            self.encoders.append(encoder_block(level, previous, channels))
             previous = channels
+        levels = range(len(self.channels) - 2, -1, -1)  # the skip connection's level of each decoder, deepest first
         self.decoders = nn.ModuleList(
-            DecoderLevel(deep, skip, decoder_block, upsample, joining, spatial_dims, variant,
-                         up_channels=deep if keep_deep else skip)
-            for deep, skip in zip(self.channels[:0:-1], self.channels[-2::-1])
+            DecoderLevel(deep, skip, decoder_block(level), upsample, joining, spatial_dims, variant,
+                         up_channels=deep if keep_deep else skip, scale=self.pool_kernels[level])
+            for deep, skip, level in zip(self.channels[:0:-1], self.channels[-2::-1], levels)
         )
         self.final_conv = conv_class(spatial_dims)(self.channels[0], out_channels, kernel_size=1)
         # torch < 2.5 has only the private name of the same registration.
@@ -263,6 +310,12 @@ class UNet(nn.Module):
         else:
             self._register_load_state_dict_pre_hook(_rename_old_keys, with_module=True)
 
+    @property
+    def patch_divisor(self) -> tuple[int, ...]:
+        """Per axis of the input (``(z, y, x)``, or ``(y, x)`` for a 2D network), the product of the pooling factors:
+        the fewest voxels an input should have along it (:func:`~unet3d_lightning.networks.kernels.patch_divisor`)."""
+        return tuple(math.prod(level[axis] for level in self.pool_kernels) for axis in range(self.spatial_dims))
+
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spatial_dims)
         pool = F.max_pool3d if self.spatial_dims == 3 else F.max_pool2d
@@ -271,7 +324,7 @@ class UNet(nn.Module):
         skips = []
         for i, encoder in enumerate(self.encoders):
             if i > 0:
-                x = pool(x, kernel_size=2, ceil_mode=ceil_mode)
+                x = pool(x, kernel_size=self.pool_kernels[i - 1], ceil_mode=ceil_mode)
             x = encoder(x)
             skips.append(x)
         skips.pop()  # the deepest level's output is x itself

@@ -40,6 +40,7 @@ def estimate_predict_memory(
     f_maps: int,
     tta: bool = False,
     output_itemsize: int = 4,
+    network_scale: float = 1.0,
 ) -> dict[str, int]:
     """A rough but conservative estimate, in bytes, of the memory prediction needs beyond the model's weights.
 
@@ -51,7 +52,7 @@ def estimate_predict_memory(
     - ``patches`` (device): the batch ``B x C_in x P``, its logits and probabilities ``2 x B x C x P``, doubled with
       flip test-time augmentation (a flipped copy and the running sum);
     - ``network`` (device): ``B x P x max(f_maps, FEATURE_BLOCK) x ACTIVATION_VALUES_PER_FEATURE`` activations
-      (measured, see there);
+      (measured, see there) times ``network_scale``;
     - ``writer`` (host): the output's chunk row ``C x 16 x H x W`` in the stored dtype, and up to three slabs
       ``C x pz x H x W`` queued for writing or in transfer.
 
@@ -63,6 +64,9 @@ def estimate_predict_memory(
         f_maps: feature maps of the network's first level.
         tta: flip test-time augmentation. Default False.
         output_itemsize: bytes per stored prediction value. Default 4 (float32).
+        network_scale: the network's activations relative to the classic 2× pooling on every axis
+            (:func:`~unet3d_lightning.networks.kernels.activation_scale`: a network that pools z less keeps more
+            voxels at its coarser levels). Default 1.0.
 
     Returns:
         ``{"stitcher", "patches", "network", "writer"}`` → bytes.
@@ -75,7 +79,8 @@ def estimate_predict_memory(
     return {
         "stitcher": 4 * (pz * (c + 1) * plane + b * (c + 1) * voxels + c * pz * plane),
         "patches": patches * (2 if tta else 1),
-        "network": 4 * b * voxels * max(int(f_maps), FEATURE_BLOCK) * ACTIVATION_VALUES_PER_FEATURE,
+        "network": _scaled(4 * b * voxels * max(int(f_maps), FEATURE_BLOCK) * ACTIVATION_VALUES_PER_FEATURE,
+                           network_scale),
         "writer": c * plane * (16 * output_itemsize + 3 * 4 * pz),
     }
 
@@ -137,6 +142,7 @@ def check_predict_memory(
     estimate = estimate_predict_memory(
         patch, widest.padded_shape, batch_size, int(hparams.get("in_channels", 1)), int(hparams["out_channels"]),
         int(f_maps if isinstance(f_maps, int) else f_maps[0]), tta=tta, output_itemsize=output_itemsize,
+        network_scale=network_scale(hparams),
     )
     groups = [(device, [k for k in estimate if k != "writer"]), (torch.device("cpu"), ["writer"])]
     if device.type == "cpu":
@@ -153,6 +159,28 @@ def check_predict_memory(
                 f"in y x) but {format_size(have)} is available; use a smaller data.predict_patch_shape or "
                 "data.batch_size"
             )
+
+
+def network_scale(hparams: Mapping[str, Any]) -> float:
+    """The activation scale of the network ``hparams`` describe (``pool_kernel_size``, ``f_maps``, ``num_levels``,
+    ``spatial_dims``): 1.0 for the classic pooling, or where the settings cannot be read."""
+    pool = hparams.get("pool_kernel_size", 2)
+    if pool == 2:
+        return 1.0
+    from ..networks.kernels import activation_scale
+    from ..networks.unet import level_channels
+
+    try:
+        f_maps = hparams.get("f_maps", 64)
+        levels = int(hparams.get("num_levels", 4))
+        channels = level_channels(f_maps if isinstance(f_maps, int) else list(f_maps), levels)
+        return activation_scale(channels, pool, int(hparams.get("spatial_dims", 3)))
+    except (ValueError, TypeError):
+        return 1.0
+
+
+def _scaled(size: int, scale: float) -> int:
+    return size if scale == 1.0 else int(math.ceil(size * scale))
 
 
 def format_size(size: float) -> str:
