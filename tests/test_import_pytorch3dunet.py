@@ -198,7 +198,6 @@ def run_import(capsys, tmp_path, model_config=None, model_path=None, output=None
 
 @pytest.mark.parametrize("change, words", [
     ({"name": "UNETR"}, ["model.name 'UNETR'", "ResidualUNetSE3D"]),
-    ({"is_segmentation": False}, ["is_segmentation", "regression"]),
     ({"upsample": "trilinear"}, ["model.upsample='trilinear'"]),
     ({"conv_padding": 0}, ["conv_padding=0"]),
     ({"f_maps": 16}, ["do not fit", "size mismatch"]),

@@ -498,7 +498,7 @@ def test_apply_final_activation_float32():
 
 
 def test_loss_names():
-    assert LOSS_NAMES == ("ce", "wce", "bce", "dice", "bce_dice")
+    assert LOSS_NAMES == ("ce", "wce", "bce", "dice", "bce_dice", "mse", "l1", "smooth_l1")
 
 
 @pytest.mark.parametrize(

@@ -24,16 +24,28 @@ def _to_unit(image: Tensor) -> Tensor:
     return (image - low) / (high - low) if high > low else torch.zeros_like(image)
 
 
-def middle_slice_panel(raw: Tensor, label: Tensor, probabilities: Tensor, multiclass: bool) -> Tensor:
+def middle_slice_panel(
+    raw: Tensor, label: Tensor, probabilities: Tensor, multiclass: bool, regression: bool = False
+) -> Tensor:
     """One grey-scale panel ``(1, rows * H, 3 * W)``: raw | label | prediction at the middle z-slice of one patch.
 
     ``raw`` ``(C, D, H, W)``; ``label`` ``(D, H, W)`` class ids or ``(C, D, H, W)`` masks; ``probabilities``
-    ``(C, D, H, W)``. Class ids are shown as id / (classes - 1); for masks one row per channel.
+    ``(C, D, H, W)``. Class ids are shown as id / (classes - 1); for masks one row per channel. With ``regression``
+    (default False) ``label`` is the float target ``(C, D, H, W)`` and ``probabilities`` the raw outputs: one row
+    per channel, target and output mapped to [0, 1] by the target slice's range (so both share one grey scale).
     """
     z = raw.shape[1] // 2
     raw_slice = _to_unit(raw[0, z])
     classes = probabilities.shape[0]
-    if multiclass:
+    if regression:
+        label_rows, prediction_rows = [], []
+        for c in range(classes):
+            target = label[c, z].float()
+            low, high = target.min(), target.max()
+            span = high - low if high > low else torch.ones_like(high)
+            label_rows.append(((target - low) / span).clamp(0, 1))
+            prediction_rows.append(((probabilities[c, z].float() - low) / span).clamp(0, 1))
+    elif multiclass:
         scale = max(classes - 1, 1)
         label_rows = [label[z].float().clamp(0, scale) / scale]
         prediction_rows = [probabilities[:, z].argmax(0).float() / scale]
@@ -81,7 +93,8 @@ class ValidationImages(Callback):
             return
         batch = outputs.get("batch", batch)  # the batch the probabilities belong to (DDP padding removed)
         panel = middle_slice_panel(
-            batch["raw"][0], batch["label"][0], outputs["probabilities"][0], bool(getattr(pl_module, "multiclass", True))
+            batch["raw"][0], batch["label"][0], outputs["probabilities"][0],
+            bool(getattr(pl_module, "multiclass", True)), regression=getattr(pl_module, "task", "segmentation") == "regression",
         )
         for logger in loggers:
             logger.experiment.add_image("val/images", panel, global_step=trainer.global_step)

@@ -23,8 +23,13 @@ Mapping of the ``model`` section (anything else ends in one ``error:`` line nami
 ``f_maps``, ``num_groups``
 ``num_levels``              the same (defaults as pytorch-3dunet: 4, residual networks 5)
 ``layer_order``             the same, dropout letters ``d`` (``nn.Dropout``) and ``D`` (channel dropout) included
-``final_sigmoid``           true → ``loss: bce`` (per-channel sigmoid masks), false → ``loss: ce`` (softmax)
-``is_segmentation``         must be true (regression networks have no final activation here)
+``final_sigmoid``           true → ``loss: bce`` (per-channel sigmoid masks), false → ``loss: ce`` (softmax);
+                            not read for regression networks (pytorch-3dunet applies no activation to them)
+``is_segmentation``         true (default): a segmentation network, as above; false: a regression (denoising)
+                            network without final activation → ``loss`` from the config's top-level ``loss``
+                            section: ``MSELoss`` → ``mse``, ``L1Loss`` → ``l1``, ``SmoothL1Loss`` → ``smooth_l1``
+                            (any other loss, or none, → ``mse`` with a note: the loss matters only for
+                            fine-tuning); the loss section's ``ignore_index`` → ``ignore_index``
 ``upsample``                ``default``/``nearest`` → ``interpolate`` for ``UNet*``, ``default`` → ``deconv`` for
                             residual networks; ``deconv`` → ``deconv`` for ``UNet*``
 ``conv_padding``,           must be 1 and 2 (pytorch-3dunet's defaults): its constructors pass them on, and
@@ -90,8 +95,17 @@ _LEVEL_RENAMES = [
 ]
 
 
-def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[str, Any], list[str]]:
+# pytorch-3dunet's regression losses (its `loss.name`) → ours.
+REGRESSION_LOSSES = {"MSELoss": "mse", "L1Loss": "l1", "SmoothL1Loss": "smooth_l1"}
+
+
+def model_settings(
+    model: dict[str, Any], source: str = "config", loss: Any = None
+) -> tuple[dict[str, Any], list[str]]:
     """Our ``model`` hyperparameters for pytorch-3dunet's ``model`` config section, and notes for the user.
+
+    ``loss`` is the config's top-level ``loss`` section (default None), read only for regression networks
+    (``is_segmentation: false``), whose loss it names.
 
     Raises:
         ConfigurationError: an unsupported network or setting, naming it.
@@ -138,11 +152,6 @@ def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[
         raise ConfigurationError(
             f"{source}: model.layer_order must be a string of layer letters such as gcr, got {model['layer_order']!r}"
         )
-    if not model.get("is_segmentation", True):
-        raise ConfigurationError(
-            f"{source}: model.is_segmentation=false (a regression network without final activation) is not "
-            "supported; only segmentation networks (sigmoid or softmax output) can be imported"
-        )
     order = str(model.get("layer_order", "gcr"))
     dropout = _dropout(model, order, architecture, name, source, notes)
     upsample = model.get("upsample", "default")
@@ -182,6 +191,8 @@ def model_settings(model: dict[str, Any], source: str = "config") -> tuple[dict[
     }
     if dropout is not None:
         settings["dropout"] = dropout
+    if not model.get("is_segmentation", True):
+        settings.update(_regression_settings(loss, source, notes))
     return settings, notes
 
 
@@ -219,6 +230,25 @@ def _dropout(model: dict[str, Any], order: str, architecture: str, name: str, so
     notes.append(f"layer_order {order!r}: dropout {dropout} kept (model.dropout; active only in training, never at "
                  "prediction)")
     return dropout
+
+
+def _regression_settings(loss: Any, source: str, notes: list[str]) -> dict[str, Any]:
+    """The loss (and ignore value) of a pytorch-3dunet regression network (``is_segmentation: false``): its output
+    has no final activation, which our regression losses mean too."""
+    section = loss if isinstance(loss, dict) else {}
+    name = section.get("name")
+    ours = REGRESSION_LOSSES.get(name)
+    if ours is None:
+        what = f"loss {name!r} has no counterpart here" if name else "the config names no loss"
+        notes.append(
+            f"regression network (is_segmentation: false): {what}; imported with loss mse (the loss matters only "
+            f"for fine-tuning; choose one of {', '.join(REGRESSION_LOSSES)} in the config to set it)"
+        )
+        ours = "mse"
+    ignore = section.get("ignore_index")
+    if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, int)):
+        raise ConfigurationError(f"{source}: loss.ignore_index must be an integer or null, got {ignore!r}")
+    return {"loss": ours, "multiclass": None, "ignore_index": ignore}
 
 
 def _positive_int(value: Any, key: str, source: str, alternative: str = "") -> int:
@@ -358,7 +388,8 @@ def import_pytorch3dunet(
         raise ConfigurationError(f"output {output} is one of the inputs; choose another name")
     if not output.parent.is_dir():
         raise ConfigurationError(f"output {output}: directory {output.parent} does not exist")
-    settings, notes = model_settings(read_config(config).get("model"), f"config {config}")
+    config_data = read_config(config)
+    settings, notes = model_settings(config_data.get("model"), f"config {config}", config_data.get("loss"))
     weights = convert_state_dict(read_state_dict(model_path))
     try:
         module = UNet3DModule(**settings)

@@ -17,8 +17,13 @@ returns a float32 scalar.
 Targets are checked on every call (label range, 0/1 masks, shapes); this costs one device synchronisation per
 call and turns a silent mislabelling (masks stored as 0/255, labels beyond ``C``) into an error naming the value.
 
+Regression (denoising, restoration) losses take a third target kind, **float** targets of the output's shape
+``(B, C, D, H, W)``: :class:`MSELoss`, :class:`L1Loss` and :class:`SmoothL1Loss`, over the functional core
+:func:`regression_loss`; their network has no final activation (``"none"``).
+
 Public names: :class:`CrossEntropyLoss`, :class:`WeightedCrossEntropyLoss`, :class:`BCELoss`,
-:class:`GeneralizedDiceLoss`, :class:`BCEDiceLoss`, :data:`LOSS_NAMES`, :func:`create_loss`,
+:class:`GeneralizedDiceLoss`, :class:`BCEDiceLoss`, :class:`MSELoss`, :class:`L1Loss`, :class:`SmoothL1Loss`,
+:data:`LOSS_NAMES`, :data:`REGRESSION_LOSS_NAMES`, :func:`regression_loss`, :func:`create_loss`,
 :func:`final_activation_name`, :func:`apply_final_activation`.
 """
 
@@ -38,19 +43,26 @@ __all__ = [
     "BCELoss",
     "CrossEntropyLoss",
     "GeneralizedDiceLoss",
+    "L1Loss",
+    "MSELoss",
+    "REGRESSION_LOSS_NAMES",
+    "SmoothL1Loss",
     "WeightedCrossEntropyLoss",
+    "regression_loss",
     "apply_final_activation",
     "create_loss",
     "final_activation_name",
 ]
 
-LOSS_NAMES = ("ce", "wce", "bce", "dice", "bce_dice")
+#: Losses of regression tasks (float targets, no final activation): mean squared error, mean absolute error, Huber.
+REGRESSION_LOSS_NAMES = ("mse", "l1", "smooth_l1")
+LOSS_NAMES = ("ce", "wce", "bce", "dice", "bce_dice", *REGRESSION_LOSS_NAMES)
 
 _MULTICLASS_ONLY = ("ce", "wce")
 _BINARY_ONLY = ("bce", "bce_dice")
-_USES_WEIGHT = ("ce", "bce", "bce_dice")
+_USES_WEIGHT = ("ce", "bce", "bce_dice", *REGRESSION_LOSS_NAMES)
 _NORMALIZATIONS = ("sigmoid", "softmax", "none")
-_ACTIVATIONS = ("softmax", "sigmoid")
+_ACTIVATIONS = ("softmax", "sigmoid", "none")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -549,6 +561,196 @@ class BCEDiceLoss(_Float32Loss):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Regression losses (float targets, no final activation)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _regression_target(prediction: Tensor, target: Tensor) -> Tensor:
+    """A float target of the prediction's shape ``(B, C, ...)``; a ``(B, ...)`` target is taken for ``C == 1``."""
+    if target.dim() == prediction.dim() - 1 and prediction.shape[1] == 1:
+        target = target.unsqueeze(1)
+    if tuple(target.shape) != tuple(prediction.shape):
+        raise ValueError(
+            f"regression target must have the output's shape {tuple(prediction.shape)} (one target channel per "
+            f"output channel), got {tuple(target.shape)}."
+        )
+    if target.is_complex():
+        raise ValueError(f"regression target must be real, got dtype {target.dtype}.")
+    return target.float()
+
+
+def regression_loss(
+    prediction: Tensor,
+    target: Tensor,
+    kind: str = "mse",
+    *,
+    weight: Tensor | Sequence[float] | None = None,
+    ignore_index: float | None = None,
+    voxel_weight: Tensor | None = None,
+    beta: float = 1.0,
+) -> Tensor:
+    """Weighted mean of an element-wise regression loss, the functional core of :class:`MSELoss`, :class:`L1Loss`
+    and :class:`SmoothL1Loss`.
+
+    .. math::
+
+        \\mathcal{L} = \\frac{\\sum_{c,n} v_{cn}\\, w_c\\, m_{cn}\\, \\ell(x_{cn} - y_{cn})}
+                            {\\sum_{c,n} v_{cn}\\, w_c\\, m_{cn}}
+
+    over every channel ``c`` and voxel ``n`` of the batch, with ``x`` the network output (no activation), ``y`` the
+    target, ``w_c`` the channel weights, ``m`` the per-voxel weights (each 1 when not given) and ``v_cn = 0`` where
+    the target equals ``ignore_index`` (else 1). The element loss ``ℓ(d)`` is
+
+    * ``"mse"``: ``d²`` (squared error; with no weights and nothing ignored, ``F.mse_loss``);
+    * ``"l1"``: ``|d|`` (absolute error, ``F.l1_loss``);
+    * ``"smooth_l1"``: ``0.5 d² / β`` for ``|d| < β``, else ``|d| − 0.5 β`` (Girshick, "Fast R-CNN", ICCV 2015,
+      Eq. 3, with the transition point ``β`` of ``F.smooth_l1_loss``; for ``β = 1`` it is the Huber loss).
+
+    A weighted *mean*: the weights' scale does not change the loss, only their ratios; a voxel of weight 2 counts as
+    two voxels of weight 1. A batch whose weights are all 0 (or whose every element is ignored) gives 0 with zero
+    gradient rather than NaN.
+
+    Args:
+        prediction: network output ``(B, C, D, H, W)`` (or any ``(B, C, ...)``), float.
+        target: float target of the same shape; ``(B, D, H, W)`` is accepted when ``C == 1``.
+        kind: ``"mse"``, ``"l1"`` or ``"smooth_l1"``. Default ``"mse"``.
+        weight: per-channel weights ``w_c``, length C, non-negative. Default None (all 1).
+        ignore_index: target value whose elements are left out (e.g. ``-1`` marking voxels without a clean
+            target); compared exactly, so store it exactly (any integer up to 2^24 is exact in float32). Default
+            None: every element counts.
+        voxel_weight: non-negative per-voxel weights ``(B, D, H, W)`` (every channel) or ``(B, C, D, H, W)``.
+            Default None.
+        beta: the ``smooth_l1`` transition point, > 0. Default 1.0 (``F.smooth_l1_loss``'s).
+
+    Returns:
+        float32 scalar.
+
+    Raises:
+        ValueError: an unknown ``kind``, shapes that do not match, non-finite target values, a bad ``beta``.
+    """
+    if kind not in REGRESSION_LOSS_NAMES:
+        raise ValueError(f"kind must be one of {', '.join(REGRESSION_LOSS_NAMES)}, got {kind!r}.")
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}.")
+    _check_logits(prediction)
+    target = _regression_target(prediction, target)
+    valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+    # Ignored elements may hold anything; the values that count must be finite, or the mean is NaN.
+    safe = torch.where(valid, target, prediction.detach().to(target.dtype))
+    if safe.numel() and not bool(torch.isfinite(safe).all()):
+        raise ValueError(
+            "regression target contains NaN or Inf; clean the target or mark such voxels with ignore_index."
+        )
+    prediction = prediction.float()
+    if kind == "mse":
+        per_element = F.mse_loss(prediction, safe, reduction="none")
+    elif kind == "l1":
+        per_element = F.l1_loss(prediction, safe, reduction="none")
+    else:
+        per_element = F.smooth_l1_loss(prediction, safe, reduction="none", beta=float(beta))
+    factor = valid.to(torch.float32)
+    weights = _weight_tensor(weight) if weight is not None and not isinstance(weight, Tensor) else weight
+    if weights is not None:
+        weights = weights.float().to(prediction.device)
+        _check_weight_length(weights, prediction.shape[1])
+        factor = factor * weights.view(1, -1, *([1] * (prediction.dim() - 2)))
+    if voxel_weight is not None:
+        factor = factor * _voxel_weight(voxel_weight.to(prediction.device), per_element.shape)
+    return _safe_ratio((factor * per_element).sum(), factor.sum())
+
+
+class _RegressionLoss(_Float32Loss):
+    """A regression loss module over :func:`regression_loss`; ``kind`` names the element loss."""
+
+    kind = "mse"
+
+    def __init__(self, weight: Sequence[float] | None = None, ignore_index: int | None = None) -> None:
+        super().__init__()
+        self.ignore_index = _check_ignore_index(ignore_index)
+        # Not persistent, as the class weights of the segmentation losses: configuration, not state.
+        self.register_buffer("weight", _weight_tensor(weight), persistent=False)
+
+    def _loss(self, logits: Tensor, target: Tensor, voxel_weight: Tensor | None) -> Tensor:
+        return regression_loss(
+            logits, target, self.kind, weight=self.weight, ignore_index=self.ignore_index, voxel_weight=voxel_weight,
+            **self._options(),
+        )
+
+    def _options(self) -> dict[str, float]:
+        return {}
+
+
+class MSELoss(_RegressionLoss):
+    """Mean squared error of the raw network output against a float target (denoising, restoration).
+
+    .. math::
+
+        \\mathrm{MSE} = \\frac{\\sum_{c,n} v_{cn} w_c m_{cn} (x_{cn} - y_{cn})^2}{\\sum_{c,n} v_{cn} w_c m_{cn}}
+
+    see :func:`regression_loss` for the symbols; without weights and ignored elements it equals ``F.mse_loss``.
+    The loss of pytorch-3dunet's ``MSELoss`` regression models.
+
+    Target: float ``(B, C, D, H, W)`` of the output's shape (``(B, D, H, W)`` for one channel).
+
+    Args:
+        weight: per-channel weights, length C, non-negative. Default None (all 1).
+        ignore_index: target value whose elements are left out. Default None.
+    """
+
+    kind = "mse"
+
+
+class L1Loss(_RegressionLoss):
+    """Mean absolute error of the raw network output against a float target.
+
+    .. math::
+
+        \\mathrm{L1} = \\frac{\\sum_{c,n} v_{cn} w_c m_{cn} |x_{cn} - y_{cn}|}{\\sum_{c,n} v_{cn} w_c m_{cn}}
+
+    see :func:`regression_loss`; without weights and ignored elements it equals ``F.l1_loss``. Less swayed by
+    outliers than MSE (its minimiser is the median, not the mean, of the noisy targets).
+
+    Args:
+        weight: per-channel weights, length C, non-negative. Default None (all 1).
+        ignore_index: target value whose elements are left out. Default None.
+    """
+
+    kind = "l1"
+
+
+class SmoothL1Loss(_RegressionLoss):
+    """Smooth L1 (Huber) loss of the raw network output against a float target (Girshick, "Fast R-CNN", ICCV 2015).
+
+    .. math::
+
+        \\ell(d) = \\begin{cases} 0.5\\, d^2 / \\beta & |d| < \\beta \\\\
+                              |d| - 0.5\\, \\beta & \\text{otherwise}\\end{cases}
+
+    averaged as in :func:`regression_loss`; without weights and ignored elements it equals
+    ``F.smooth_l1_loss(x, y, beta=beta)``: quadratic for small errors, linear (robust) for large ones.
+
+    Args:
+        weight: per-channel weights, length C, non-negative. Default None (all 1).
+        ignore_index: target value whose elements are left out. Default None.
+        beta: transition point between the quadratic and the linear part, > 0. Default 1.0 (torch's and
+            pytorch-3dunet's ``SmoothL1Loss``).
+    """
+
+    kind = "smooth_l1"
+
+    def __init__(
+        self, weight: Sequence[float] | None = None, ignore_index: int | None = None, beta: float = 1.0
+    ) -> None:
+        super().__init__(weight=weight, ignore_index=ignore_index)
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+            raise ValueError(f"beta must be a finite number > 0, got {beta!r}.")
+        self.beta = float(beta)
+
+    def _options(self) -> dict[str, float]:
+        return {"beta": self.beta}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Factory and final activation
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -556,6 +758,13 @@ class BCEDiceLoss(_Float32Loss):
 def _check_name(name: str, multiclass: bool) -> None:
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}.")
+    if name in REGRESSION_LOSS_NAMES:
+        if multiclass:
+            raise ValueError(
+                f"loss {name!r} is a regression loss for float targets, not for class-index labels; use 'ce', 'wce' "
+                "or 'dice' for 3D class-index labels."
+            )
+        return
     if not multiclass and name in _MULTICLASS_ONLY:
         raise ValueError(
             f"loss {name!r} needs class-index labels (3D label volume); use 'bce', 'dice' or 'bce_dice' for 4D "
@@ -586,16 +795,22 @@ def create_loss(
     ``bce``       :class:`BCELoss`                                binary           sigmoid
     ``dice``      :class:`GeneralizedDiceLoss` (softmax/sigmoid)  either           softmax/sigmoid
     ``bce_dice``  :class:`BCEDiceLoss`                            binary           sigmoid
+    ``mse``       :class:`MSELoss`                                float target     none
+    ``l1``        :class:`L1Loss`                                 float target     none
+    ``smooth_l1`` :class:`SmoothL1Loss`                           float target     none
     ============  ==============================================  ===============  ================
 
     Args:
         name: one of :data:`LOSS_NAMES`.
         multiclass: ``True`` for class-index labels (one 3D label volume per sample, softmax over classes);
-            ``False`` for binary per-channel masks (one 4D volume ``(C, D, H, W)`` per sample, sigmoid). Selects
-            ``'softmax'`` or ``'sigmoid'`` normalisation for ``dice`` and rules out mismatched losses.
-        weight: per-class (ce) or per-channel (bce, bce_dice) weights, non-negative. Default ``None``. Rejected
+            ``False`` for binary per-channel masks (one 4D volume ``(C, D, H, W)`` per sample, sigmoid) and for the
+            float targets of the regression losses (which refuse ``True``). Selects ``'softmax'`` or ``'sigmoid'``
+            normalisation for ``dice`` and rules out mismatched losses.
+        weight: per-class (ce) or per-channel (bce, bce_dice, mse, l1, smooth_l1) weights, non-negative. Default
+            ``None``. Rejected
             for ``wce`` (weights come from the batch) and ``dice`` (weights come from the class volumes).
-        ignore_index: label value excluded from the loss. Default ``None``. For binary labels it must not be 0 or 1.
+        ignore_index: label value excluded from the loss. Default ``None``. For binary labels it must not be 0 or 1;
+            for regression targets any value (compared exactly with the target).
         out_channels: number of network output channels; when given, ``weight`` must have this length and
             multiclass losses need at least 2 channels. Default ``None``: checked at the first forward instead.
 
@@ -625,6 +840,8 @@ def create_loss(
                 "output channel."
             )
     _check_ignore_index(ignore_index)
+    if name in REGRESSION_LOSS_NAMES:
+        return {"mse": MSELoss, "l1": L1Loss, "smooth_l1": SmoothL1Loss}[name](weight=weight, ignore_index=ignore_index)
     if not multiclass and ignore_index in (0, 1):
         raise ValueError(
             f"ignore_index={ignore_index} collides with the binary label values 0/1; use a value outside them, "
@@ -644,10 +861,11 @@ def create_loss(
 
 
 def final_activation_name(name: str, *, multiclass: bool) -> str:
-    """Return the activation (``'softmax'`` or ``'sigmoid'``) that turns logits into the probabilities ``name`` models.
+    """Return the activation (``'softmax'``, ``'sigmoid'`` or ``'none'``) that turns logits into the probabilities
+    ``name`` models, or, for regression losses, ``'none'``: their output is used as it is.
 
     ``ce``/``wce`` → ``'softmax'``; ``bce``/``bce_dice`` → ``'sigmoid'``; ``dice`` → ``'softmax'`` if
-    ``multiclass`` else ``'sigmoid'``.
+    ``multiclass`` else ``'sigmoid'``; ``mse``/``l1``/``smooth_l1`` → ``'none'``.
 
     Args:
         name: one of :data:`LOSS_NAMES`.
@@ -657,6 +875,8 @@ def final_activation_name(name: str, *, multiclass: bool) -> str:
         ValueError: unknown ``name`` or a loss that does not fit the label kind (as :func:`create_loss`).
     """
     _check_name(name, multiclass)
+    if name in REGRESSION_LOSS_NAMES:
+        return "none"
     if name in _MULTICLASS_ONLY:
         return "softmax"
     if name in _BINARY_ONLY:
@@ -669,15 +889,18 @@ def apply_final_activation(logits: Tensor, activation: str) -> Tensor:
 
     Args:
         logits: network output ``(B, C, ...)`` of any float dtype.
-        activation: ``'softmax'`` (over dim 1, the channels) or ``'sigmoid'`` (element-wise).
+        activation: ``'softmax'`` (over dim 1, the channels), ``'sigmoid'`` (element-wise) or ``'none'`` (the
+            logits as they are, in float32: regression outputs).
 
     Raises:
-        ValueError: ``activation`` is neither ``'softmax'`` nor ``'sigmoid'``.
+        ValueError: ``activation`` is not ``'softmax'``, ``'sigmoid'`` or ``'none'``.
     """
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}.")
+        raise ValueError(f"activation must be 'softmax', 'sigmoid' or 'none', got {activation!r}.")
     with _autocast_off(logits.device):
         logits = logits.float()
+        if activation == "none":
+            return logits
         if activation == "softmax":
             return torch.softmax(logits, dim=1)
         return torch.sigmoid(logits)

@@ -23,18 +23,21 @@ from torchmetrics.classification import (
 
 from .data.targets import MASKED
 from .errors import ConfigurationError
-from .losses import apply_final_activation, create_loss, final_activation_name
+from .losses import REGRESSION_LOSS_NAMES, apply_final_activation, create_loss, final_activation_name
 from .networks import DEFAULT_DROPOUT, build_network, patch_divisor, slice_wise
 from .prediction.engine import inference_context
+from .regression import regression_metrics, update_regression_metrics
 
-LossName = Literal["ce", "wce", "bce", "dice", "bce_dice"]
+LossName = Literal["ce", "wce", "bce", "dice", "bce_dice", "mse", "l1", "smooth_l1"]
+#: What a model is trained for, :attr:`UNet3DModule.task`: class probabilities / masks, or float values.
+Task = Literal["segmentation", "regression"]
 Architecture = Literal["unet", "residual_unet", "residual_se_unet"]
 # Which way a monitored metric improves, read from its name: the first listed word found in the last part of the
 # name (``val/dice_class1`` -> ``dice_class1``) decides. Errors and losses fall, overlap scores rise.
 _METRIC_DIRECTIONS = (
     ("loss", "min"), ("error", "min"), ("arand", "min"), ("voi", "min"),
     ("dice", "max"), ("iou", "max"), ("jaccard", "max"), ("f1", "max"), ("accuracy", "max"), ("precision", "max"),
-    ("recall", "max"), ("ap", "max"),
+    ("recall", "max"), ("ap", "max"), ("mse", "min"), ("mae", "min"), ("psnr", "max"), ("ssim", "max"),
 )
 # Losses whose label type is fixed by the loss itself; 'dice' works with both and learns it from the data.
 _MULTICLASS_BY_LOSS = {"ce": True, "wce": True, "bce": False, "bce_dice": False}
@@ -56,10 +59,14 @@ class UNet3DModule(pl.LightningModule):
         variant: layer details, ``"native"`` or ``"pytorch3dunet"`` (set by ``unet3d import-pytorch3dunet`` for
             models trained with pytorch-3dunet; keep it to fine-tune them). Default ``"native"``.
         loss: ``"ce"`` cross-entropy, ``"wce"`` Sudre's weighted cross-entropy, ``"bce"`` binary cross-entropy (4D
-            binary labels), ``"dice"`` Sudre's Generalized Dice, ``"bce_dice"`` BCE + Dice. Default ``"ce"``.
-        loss_weight: per-class (``ce``) or per-channel (``bce``, ``bce_dice``) weights, one per output channel; the
-            original ``--loss-weight``. Default None (all 1).
-        ignore_index: label value whose voxels count neither in the loss nor in the metrics. Default None.
+            binary labels), ``"dice"`` Sudre's Generalized Dice, ``"bce_dice"`` BCE + Dice; or, for a regression
+            (denoising, restoration) model trained on float targets, ``"mse"``, ``"l1"`` or ``"smooth_l1"`` (see
+            :mod:`unet3d_lightning.losses`): such a model has no final activation, ``final_activation`` returns its
+            raw output, and validation logs ``val/psnr`` and ``val/mse`` instead of Dice and IoU. Default ``"ce"``.
+        loss_weight: per-class (``ce``) or per-channel (``bce``, ``bce_dice``, ``mse``, ``l1``, ``smooth_l1``)
+            weights, one per output channel; the original ``--loss-weight``. Default None (all 1).
+        ignore_index: label value whose voxels count neither in the loss nor in the metrics; for regression, the
+            target value marking voxels without a target (e.g. -1), compared exactly. Default None.
         multiclass: whether labels are class ids (3D label volumes, softmax output) or binary masks (4D labels,
             per-channel sigmoid output). Default None: implied by the loss (ce/wce: class ids; bce/bce_dice: masks)
             and, for ``dice``, read from the training data at setup; the value is then stored in the checkpoint so
@@ -159,11 +166,24 @@ class UNet3DModule(pl.LightningModule):
         # Whether the labels are targets derived from instance labels, whose MASKED elements the loss leaves out.
         self.instance_targets = False
         implied = _MULTICLASS_BY_LOSS.get(loss)
-        if multiclass is not None and implied is not None and multiclass != implied:
+        if loss in REGRESSION_LOSS_NAMES:
+            if multiclass:
+                raise ConfigurationError(
+                    f"loss {loss!r} is a regression loss (float targets, no final activation) and takes no class "
+                    "ids: drop model.multiclass, or use loss ce, wce or dice for class-id labels"
+                )
+            if targets:
+                raise ConfigurationError(
+                    f"loss {loss!r} is a regression loss; boundary/affinity targets (data.label_transform) need loss "
+                    "bce, dice or bce_dice"
+                )
+        elif multiclass is not None and implied is not None and multiclass != implied:
             kind = "class-id (3D)" if implied else "binary (4D)"
             raise ConfigurationError(f"loss {loss!r} needs {kind} labels, but multiclass={multiclass} was given")
         resolved = multiclass if multiclass is not None else implied
-        if resolved is not None:
+        if loss in REGRESSION_LOSS_NAMES:
+            self._configure_regression()
+        elif resolved is not None:
             self._configure_task(resolved)
         else:
             # 'dice' without an explicit label type still checks its loss arguments up front.
@@ -187,6 +207,27 @@ class UNet3DModule(pl.LightningModule):
         )
 
     # ----------------------------------------------------------------------------------------------- task set-up
+    @property
+    def task(self) -> Task:
+        """``"regression"`` for a model trained with ``mse``, ``l1`` or ``smooth_l1`` (float outputs, no final
+        activation: :meth:`final_activation` returns the network's output), else ``"segmentation"`` (class
+        probabilities or masks). Read from ``hparams.loss``, so it holds for any checkpoint."""
+        return "regression" if self.hparams.get("loss") in REGRESSION_LOSS_NAMES else "segmentation"
+
+    def _configure_regression(self) -> None:
+        """Loss and metrics of a regression model: a float target per output channel, no final activation; the
+        validation metrics are PSNR and MSE over the voxels that are not ignored (see :func:`regression_metrics`)."""
+        hp = self.hparams
+        self.instance_targets = False
+        self.loss_fn = _user_error(
+            create_loss, hp.loss, multiclass=False, weight=hp.loss_weight, ignore_index=hp.ignore_index,
+            out_channels=hp.out_channels,
+        )
+        self.multiclass = False  # per-channel outputs; "none" below is what the prediction writer and exports apply
+        self.activation = final_activation_name(hp.loss, multiclass=False)
+        self.val_metrics = regression_metrics("val").to(self.device)
+        self.test_metrics = regression_metrics("test").to(self.device)
+
     def _configure_task(self, multiclass: bool, instance_targets: bool = False) -> None:
         """Build the loss and the metrics for class-id labels (``multiclass``) or binary masks; with
         ``instance_targets`` the masks are derived from instance labels and their MASKED elements are left out
@@ -262,11 +303,29 @@ class UNet3DModule(pl.LightningModule):
         ``label_kind=None`` (no labelled data, e.g. prediction) changes nothing."""
         if label_kind is None:
             return
+        if self.task == "regression" or label_kind == "regression":
+            self._use_regression_targets(label_kind)
+            return
         self._use_label_kind(label_kind)
         if voxel_weights and not getattr(self.loss_fn, "takes_voxel_weight", True):
             raise ConfigurationError(
                 f"loss {self.hparams.loss!r} takes no per-voxel weights; drop data.weight_internal_path or use "
                 "loss ce, wce, bce or bce_dice"
+            )
+
+    def _use_regression_targets(self, label_kind: str) -> None:
+        """A regression loss trains on float targets only (the datamodule reads ``/label`` so when the model is a
+        regression model), and a segmentation loss never on them."""
+        if self.task != "regression":
+            raise ConfigurationError(
+                f"the data holds float regression targets but loss {self.hparams.loss!r} is a segmentation loss; "
+                "use loss mse, l1 or smooth_l1"
+            )
+        if label_kind != "regression":
+            what = {"instances": "instance labels (data.label_transform)"}.get(label_kind, f"{label_kind} labels")
+            raise ConfigurationError(
+                f"loss {self.hparams.loss!r} is a regression loss but the data holds {what}; use a segmentation loss "
+                "(ce, wce, bce, dice, bce_dice) for them"
             )
 
     def _use_label_kind(self, label_kind: str) -> None:
@@ -342,8 +401,10 @@ class UNet3DModule(pl.LightningModule):
         ``lr_scheduler_monitor`` may name: ``train/loss`` (per step), ``train/loss_epoch`` and, when validation runs
         (``validation``, default True), ``val/loss``, ``val/dice``, ``val/iou`` and ``val/dice_class<i>`` for each
         of the ``out_channels`` (when there is more than one), and with instance targets ``val/arand`` and
-        ``val/ap``."""
+        ``val/ap``; for a regression model ``val/loss``, ``val/psnr`` and ``val/mse`` instead."""
         names = ["train/loss", "train/loss_epoch"]
+        if validation and self.task == "regression":
+            return names + ["val/loss", "val/psnr", "val/mse"]
         if validation:
             names += ["val/loss", "val/dice", "val/iou"]
             if self.hparams.out_channels > 1:
@@ -365,7 +426,8 @@ class UNet3DModule(pl.LightningModule):
         return self.net(self.input_to_memory_format(x)).contiguous()
 
     def final_activation(self, logits: Tensor) -> Tensor:
-        """The probabilities prediction writes: softmax over channels for class-id labels, else per-channel sigmoid."""
+        """The values prediction writes: softmax over channels for class-id labels, per-channel sigmoid for masks,
+        and for a regression model (:attr:`task` ``"regression"``) the network's output as it is (float32)."""
         if self.multiclass is None:
             raise ConfigurationError(
                 "the label type of this model is unknown (loss 'dice' never trained); set model.multiclass"
@@ -414,6 +476,9 @@ class UNet3DModule(pl.LightningModule):
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         target = batch["label"]
+        if self.task == "regression":
+            update_regression_metrics(metrics, probabilities, target, self.hparams.ignore_index)
+            return {"loss": loss, "probabilities": probabilities, "batch": batch}
         metrics.update(probabilities, target if self.multiclass else target.long())
         if self.instance_targets and "instances" in batch and self.hparams.get("targets"):
             self._update_instance_metrics(probabilities, batch["instances"], stage)
@@ -439,6 +504,10 @@ class UNet3DModule(pl.LightningModule):
     def _log_metrics(self, metrics: MetricCollection, stage: str) -> None:
         values = metrics.compute()  # synced over ranks
         metrics.reset()
+        if self.task == "regression":
+            self.log(f"{stage}/psnr", values[f"{stage}/psnr"], prog_bar=True, sync_dist=True)
+            self.log(f"{stage}/mse", values[f"{stage}/mse"], sync_dist=True)
+            return
         per_class = values.pop(f"{stage}/dice")
         # The values are already synced (identical on every rank); sync_dist only tells Lightning so.
         self.log(f"{stage}/dice", per_class.mean(), prog_bar=True, sync_dist=True)

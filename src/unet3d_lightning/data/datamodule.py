@@ -21,6 +21,7 @@ from .datasets import Location, PatchDataset, PredictDataset, PredictionPlan, Sh
 from .io import MISSING_CHUNKS_POLICIES, MissingChunksPolicy, volume_format
 from .loader import PatchLoader, default_num_workers
 from .patches import padded_shape, patch_grid
+from .regression_targets import TARGET_NORMALIZATIONS, TargetNormalization
 from .sampling import ShardedSampler, keep_foreground_patches
 from .targets import LABEL_TRANSFORMS, LabelTransform, LabelTransformName, TargetOptions
 from .transforms import Augmentation
@@ -29,6 +30,7 @@ from .volumes import (
     check_consistent,
     check_instance_labels,
     load_arrays,
+    mark_regression_target,
     open_volume,
     resolve_paths,
     scan_volume,
@@ -120,6 +122,15 @@ class VolumeDataModule(pl.LightningDataModule):
             fill values); ``"error"`` refuses every array that lacks chunks; ``"fill"`` reads them as the fill
             value, with a warning. Checked at setup from the stores' listings (no extra data read); see
             :class:`~unet3d_lightning.data.volumes.ChunkAudit`. Default ``"auto"``.
+        target_normalization: for a regression model (``model.loss`` ``mse``, ``l1`` or ``smooth_l1``), whose
+            ``label_internal_path`` holds a float target ``(D, H, W)`` or ``(C, D, H, W)`` of the raw's shape (checked
+            finite at setup; ``C`` must equal ``model.out_channels``): ``"none"`` trains on the stored values;
+            ``"like_raw"`` applies the raw volume's normalisation (its statistics, this ``normalization``) to the target
+            too, without the percentile clipping (see
+            :func:`~unet3d_lightning.data.regression_targets.normalize_target`), so that target and input share units;
+            prediction then writes outputs in those units. Spatial augmentations move the target with the raw (the
+            elastic warp interpolates it trilinearly, or reads the nearest voxel when ``model.ignore_index`` marks
+            voxels without a target); intensity and noise augmentations change the raw only. Default ``"none"``.
     """
 
     def __init__(
@@ -150,6 +161,7 @@ class VolumeDataModule(pl.LightningDataModule):
         label_transform: LabelTransformName = "none",
         target_options: TargetOptions = TargetOptions(),
         missing_chunks: MissingChunksPolicy = "auto",
+        target_normalization: TargetNormalization = "none",
     ) -> None:
         super().__init__()
         if isinstance(augmentation, Mapping):  # as stored in a checkpoint's hyperparameters
@@ -176,6 +188,11 @@ class VolumeDataModule(pl.LightningDataModule):
                 f"data.missing_chunks {missing_chunks!r} is not one of {', '.join(MISSING_CHUNKS_POLICIES)}"
             )
         self.missing_chunks = missing_chunks
+        if target_normalization not in TARGET_NORMALIZATIONS:
+            raise ConfigurationError(
+                f"data.target_normalization {target_normalization!r} is not one of {', '.join(TARGET_NORMALIZATIONS)}"
+            )
+        self.target_normalization = target_normalization
         self.paths = {"train": train_paths, "val": val_paths, "test": test_paths, "predict": predict_paths}
         unknown = sorted(set(label_paths or {}) - {"train", "val", "test"})
         if unknown:
@@ -216,8 +233,9 @@ class VolumeDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------------------------------------ setup
     @property
     def label_kind(self) -> str | None:
-        """``"class_ids"`` (3D labels), ``"binary"`` (4D masks) or ``"instances"`` (3D instance ids with a
-        ``label_transform``) of the training (else validation/test) volumes."""
+        """``"class_ids"`` (3D labels), ``"binary"`` (4D masks), ``"instances"`` (3D instance ids with a
+        ``label_transform``) or ``"regression"`` (float targets of a regression model) of the training (else
+        validation/test) volumes."""
         for role in ("train", "val", "test"):
             if self.volumes.get(role):
                 return self.volumes[role][0].label_kind
@@ -228,7 +246,8 @@ class VolumeDataModule(pl.LightningDataModule):
         data against."""
         if model is None and self.trainer is not None:
             model = self.trainer.lightning_module
-        spec = {k: getattr(model, k, None) for k in ("in_channels", "out_channels", "ignore_index", "spatial_dims")}
+        spec = {k: getattr(model, k, None) for k in ("in_channels", "out_channels", "ignore_index", "spatial_dims",
+                                                    "task")}
         spec["patch_divisor"] = getattr(model, "patch_divisor", None)
         return spec
 
@@ -265,10 +284,13 @@ class VolumeDataModule(pl.LightningDataModule):
             raise ConfigurationError(f"data.{roles[0]}_paths is empty: {stage} needs at least one volume")
         self._check_offsets(roles)
         spec = self._model_spec(model)
+        self._checked_spec = spec  # the datasets follow the model checked, also without a trainer
+        self._check_regression_settings(spec)
         for role in roles:
             self.volumes[role] = self._load_volumes(role, spec)
         labelled = [v for role in roles if role != "predict" for v in self.volumes[role]]
-        kinds = {"class_ids": "3D class ids", "binary": "4D binary masks", "instances": "3D instance ids"}
+        kinds = {"class_ids": "3D class ids", "binary": "4D binary masks", "instances": "3D instance ids",
+                 "regression": "float regression targets"}
         check_consistent(labelled, "label_kind", "labels as", "label_internal_path", kinds.get)
         # Without a model to compare with, the volumes must at least agree among themselves.
         check_consistent(labelled, "label_channels", "mask channel count", "label_internal_path")
@@ -301,6 +323,29 @@ class VolumeDataModule(pl.LightningDataModule):
         if role in ("train", "predict"):
             return f"{role}_patch_shape"
         return "val_patch_shape" if self.val_patch_shape else "train_patch_shape"
+
+    def _check_regression_settings(self, spec: dict[str, Any]) -> None:
+        """Settings that only a regression model, or only a segmentation model, can use (skipped when no model is
+        known)."""
+        task = spec.get("task")
+        if task == "segmentation" and self.target_normalization != "none":
+            raise ConfigurationError(
+                f"data.target_normalization {self.target_normalization!r} scales regression targets, but the model "
+                "is a segmentation model (its labels are class ids or masks); drop it, or use model.loss mse, l1 or "
+                "smooth_l1"
+            )
+        if task != "regression":
+            return
+        if self.label_transform != "none":
+            raise ConfigurationError(
+                f"data.label_transform {self.label_transform!r} derives segmentation targets, but the model is a "
+                "regression model (model.loss mse, l1 or smooth_l1); use data.label_transform none with a float target"
+            )
+        if self.min_foreground_fraction is not None:
+            raise ConfigurationError(
+                "data.min_foreground_fraction needs labels with a background (class id 0 or empty masks); a regression "
+                "target has none: drop it, or give the voxels to leave out model.ignore_index"
+            )
 
     def _check_offsets(self, roles: Sequence[str]) -> None:
         """Every affinity offset must link voxels inside a patch: one as long as the patch links none (its channel
@@ -347,6 +392,9 @@ class VolumeDataModule(pl.LightningDataModule):
                     )
                 if self.targets is not None and volume.label_internal_path is not None:
                     check_instance_labels(volume)
+                if spec.get("task") == "regression" and volume.label_internal_path is not None:
+                    mark_regression_target(volume, spec["out_channels"])
+                    self._check_like_raw(volume)
                 scan_volume(
                     volume, out_channels=spec["out_channels"] if volume.label_kind != "instances" else None,
                     ignore_index=spec["ignore_index"], percentiles=percentiles, missing_chunks=self.missing_chunks,
@@ -358,6 +406,17 @@ class VolumeDataModule(pl.LightningDataModule):
                 volume = dataclasses.replace(volume, role=role)  # shares the in-memory arrays
             volumes.append(volume)
         return volumes
+
+    def _check_like_raw(self, volume: Volume) -> None:
+        """``target_normalization: like_raw`` scales target channel c by raw channel c, or every target channel by
+        a single raw channel; other channel counts have no such pairing."""
+        targets = volume.label_channels or 1
+        if self.target_normalization == "like_raw" and volume.channels not in (1, targets):
+            raise ConfigurationError(
+                f"{volume.describe(volume.label_internal_path, 'label')} has {targets} target channel(s) but "
+                f"'{volume.raw_internal_path}' has {volume.channels}; data.target_normalization like_raw scales each "
+                "target channel by its raw channel (or all by one raw channel): use target_normalization none"
+            )
 
     def _label_files(self, role: str, paths: list) -> list:
         """The label file of each volume of ``role`` (None: in the volume's own file), paired by position."""
@@ -443,10 +502,18 @@ class VolumeDataModule(pl.LightningDataModule):
                 f"no {role} patches left: data.min_foreground_fraction={self.min_foreground_fraction} rejected all "
                 f"patches of {len(volumes)} volume(s); lower it or raise data.empty_patch_keep_share"
             )
-        transforms = self.augmentation.build() if role == "train" else None
+        spec = self._model_spec() if self.trainer is not None else getattr(self, "_checked_spec", self._model_spec())
+        regression = any(v.label_kind == "regression" for v in volumes)
+        if role != "train":
+            transforms = None
+        elif regression:
+            # A float target is resampled like the raw, unless exact ignore values must survive the warp.
+            transforms = self.augmentation.build(interpolate_label=spec["ignore_index"] is None)
+        else:
+            transforms = self.augmentation.build()
         return PatchDataset(
             volumes, locations, self.normalization, transforms or None, label_transform=self.targets,
-            ignore_label=self._model_spec()["ignore_index"],
+            ignore_label=spec["ignore_index"], target_normalization=self.target_normalization,
         )
 
     def _filter(self, volume: Volume, grid: list, patch: Shape3) -> list:

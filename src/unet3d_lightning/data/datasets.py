@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .regression_targets import normalize_target
 from .io.handles import FileCache
 from .sampling import PaddingIndex
 from .targets import LabelTransform, relabel
@@ -63,8 +64,10 @@ def normalize(raw: np.ndarray, volume: Volume, mode: str, *, overwrite: bool = F
 class PatchDataset(Dataset):
     """Patches of raw (and label, weight) at fixed locations; items are ``index`` or ``(index, augmentation_seed)``.
 
-    Returns dicts with ``raw`` float32 ``(C, pz, py, px)``, ``label`` (int64 ``(pz, py, px)`` class ids or float32
-    ``(C, pz, py, px)`` masks) and ``weight`` float32 when the volumes have one.
+    Returns dicts with ``raw`` float32 ``(C, pz, py, px)``, ``label`` (int64 ``(pz, py, px)`` class ids, float32
+    ``(C, pz, py, px)`` masks, or for a regression target float32 ``(C, pz, py, px)``, a 3D target as one channel,
+    scaled by ``target_normalization``, see :func:`~unet3d_lightning.data.regression_targets.normalize_target`)
+    and ``weight`` float32 when the volumes have one.
     """
 
     def __init__(
@@ -76,8 +79,10 @@ class PatchDataset(Dataset):
         with_labels: bool = True,
         label_transform: LabelTransform | None = None,
         ignore_label: int | None = None,
+        target_normalization: str = "none",
     ) -> None:
         self.volumes = list(volumes)
+        self.target_normalization = target_normalization
         # Instance labels: relabelled to small int64 ids before the augmentations, turned into targets after them.
         self.label_transform = label_transform
         self.ignore_label = ignore_label
@@ -101,7 +106,12 @@ class PatchDataset(Dataset):
         fresh = not volume.arrays
         raw = normalize(raw if volume.raw_is_4d else raw[None], volume, self.normalization, overwrite=fresh)
         sample = {"raw": torch.from_numpy(np.ascontiguousarray(raw))}
-        if self.with_labels and volume.label_internal_path is not None:
+        if self.with_labels and volume.label_internal_path is not None and volume.label_kind == "regression":
+            target = read_region(volume, self._files, "label", slices, volume.label_channels is not None)
+            target = target if volume.label_channels is not None else target[None]
+            sample["label"] = torch.from_numpy(np.ascontiguousarray(normalize_target(
+                target, volume.stats, self.normalization, self.target_normalization, self.ignore_label)))
+        elif self.with_labels and volume.label_internal_path is not None:
             label = read_region(volume, self._files, "label", slices, volume.label_kind == "binary")
             if volume.label_kind == "instances":
                 label = relabel(label, ignore_label=self.ignore_label)

@@ -224,11 +224,15 @@ class ElasticDeformation:
         spacing: largest distance in voxels between nodes of the coarse grid, ``>= 1``. Default 16; smaller values
             give more local, wigglier warps (keep ``spacing`` well above ``2 * magnitude`` to avoid folding).
         p: probability that a sample is warped, in ``[0, 1]``. Default 0.5.
+        interpolate_label: read the label trilinearly like the raw instead of at the nearest voxel: for float
+            regression targets (a clean image), which are values to resample, not ids. Default False.
     """
 
     def __init__(
-        self, magnitude: float = 3.0, z_magnitude: float = 1.0, spacing: int = 16, p: float = 0.5
+        self, magnitude: float = 3.0, z_magnitude: float = 1.0, spacing: int = 16, p: float = 0.5,
+        interpolate_label: bool = False,
     ) -> None:
+        self.interpolate_label = bool(interpolate_label)
         self.magnitude = _non_negative(magnitude, "ElasticDeformation magnitude")
         self.z_magnitude = _non_negative(z_magnitude, "ElasticDeformation z_magnitude")
         if isinstance(spacing, bool) or not isinstance(spacing, int) or spacing < 1:
@@ -264,9 +268,16 @@ class ElasticDeformation:
         out["raw"] = F.grid_sample(
             raw[None], grid, mode="bilinear", padding_mode="border", align_corners=True
         )[0].contiguous()  # "bilinear" on 5D input is trilinear
+        keys = ["label", "weight"]
+        if self.interpolate_label and "label" in sample:
+            label = sample["label"]
+            out["label"] = F.grid_sample(
+                label.float()[None], grid.to(torch.float32), mode="bilinear", padding_mode="border", align_corners=True
+            )[0].to(label.dtype).contiguous()
+            keys.remove("label")
 
         zi, yi, xi = (c.round().long() for c in coords)
-        for key in ("label", "weight"):
+        for key in keys:
             if key in sample:
                 out[key] = sample[key][..., zi, yi, xi].contiguous()
         return out
@@ -358,13 +369,19 @@ class Augmentation:
         if isinstance(spacing, bool) or not isinstance(spacing, int) or spacing < 1:
             raise ConfigurationError(f"data.augmentation.elastic_spacing {spacing!r} must be an integer of at least 1")
 
-    def build(self) -> Compose:
-        """The transform pipeline these settings describe; an empty :class:`Compose` when everything is off."""
+    def build(self, interpolate_label: bool = False) -> Compose:
+        """The transform pipeline these settings describe; an empty :class:`Compose` when everything is off.
+
+        Args:
+            interpolate_label: the elastic warp resamples the label trilinearly, like the raw (float regression
+                targets); see :class:`ElasticDeformation`. Default False: nearest voxel (ids, masks).
+        """
         transforms: list[Callable[[Sample, torch.Generator], Sample]] = []
         if self.elastic:
-            transforms.append(
-                ElasticDeformation(self.elastic_magnitude, self.elastic_z_magnitude, self.elastic_spacing)
-            )
+            transforms.append(ElasticDeformation(
+                self.elastic_magnitude, self.elastic_z_magnitude, self.elastic_spacing,
+                interpolate_label=interpolate_label,
+            ))
         if self.flip:
             transforms.append(RandomFlip())
         if self.rotate90:

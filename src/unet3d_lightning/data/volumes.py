@@ -168,7 +168,7 @@ class Volume:
     channels: int
     raw_is_4d: bool
     label_internal_path: str | None = None
-    label_kind: str | None = None  # "class_ids" (3D) | "binary" (4D) | None
+    label_kind: str | None = None  # "class_ids" (3D) | "binary" (4D) | "regression" (float targets) | None
     label_channels: int | None = None
     weight_internal_path: str | None = None
     weight_is_4d: bool = False
@@ -248,7 +248,8 @@ def open_volume(
                 raise ConfigurationError(
                     f"{role} volume {label_file}: dataset '{label_internal_path}' has shape {label.shape} but "
                     f"'{raw_internal_path}' has spatial shape {spatial}; labels must be (D, H, W) class ids or "
-                    "(C, D, H, W) binary masks of the same spatial shape"
+                    "(C, D, H, W) binary masks of the same spatial shape (a regression target: (D, H, W) or "
+                    "(C, D, H, W) of the raw's spatial shape)"
                 )
             check_dtype(label.dtype, f"{role} volume {label_file}: dataset '{label_internal_path}'")
             volume.label_internal_path = label_internal_path
@@ -419,10 +420,13 @@ def scan_volume(
             m2 += block_m2 + delta**2 * (count * n / total)
             count = total
             del values
-            if label is not None and (out_channels is not None or audits["label"].watching):
+            regression = volume.label_kind == "regression"  # float targets: checked finite whatever the model
+            if label is not None and (out_channels is not None or audits["label"].watching or regression):
                 label_block = _read(label, zs, volume, label_key, "label")
                 audits["label"].update(label_block, zs)
-                if out_channels is not None:
+                if regression:
+                    check_regression_block(volume, label_block, zs, ignore_index)
+                elif out_channels is not None:
                     _check_label_block(volume, label_block, out_channels, ignore_index)
             if weight is not None:
                 weight_block = _read(weight, zs, volume, weight_key, "weight")
@@ -476,6 +480,65 @@ def _check_label_block(volume: Volume, block: np.ndarray, out_channels: int, ign
                 + ("" if ignore_index is None else f", or ignore_index {ignore_index}")
                 + ")"
             )
+
+
+def mark_regression_target(volume: Volume, out_channels: int | None) -> Volume:
+    """Take the volume's labels as the float target of a regression model: ``(D, H, W)`` (one channel) or ``(C, D, H,
+    W)`` (C channels) of the raw's spatial shape (checked by :func:`open_volume`), with as many channels as the model
+    has outputs (``out_channels``; None: not checked). Integer and bool targets are taken as their values (a clean
+    image stored as uint16 is a target like any other). ``label_channels`` stays None for a 3D target, as for class
+    ids, so that readers know it has no channel axis.
+
+    Raises:
+        ConfigurationError: a channel count other than ``out_channels``.
+    """
+    if volume.label_internal_path is None:
+        return volume
+    volume.label_kind = "regression"
+    channels = volume.label_channels or 1
+    if out_channels is not None and channels != out_channels:
+        layout = f"(C, D, H, W) with C = {channels}" if volume.label_channels else "(D, H, W), one channel"
+        raise ConfigurationError(
+            f"{volume.describe(volume.label_internal_path, 'label')} is a regression target {layout}, but the model "
+            f"has out_channels={out_channels}; set model.out_channels to {channels}, one output per target channel"
+        )
+    return volume
+
+
+def check_regression_block(volume: Volume, block: np.ndarray, zs: slice, ignore_index: float | None = None) -> None:
+    """Raise if a slab of a regression target holds a value that is not finite (after the cast to float32), naming
+    the first such voxel: ``(z, y, x)`` for a 3D target, ``(c, z, y, x)`` for a 4D one, in the dataset's coordinates.
+
+    Args:
+        volume: the volume whose target ``block`` is.
+        block: z-rows ``zs`` of the target, ``(z, H, W)`` or ``(C, z, H, W)``, as stored.
+        zs: the rows ``block`` holds.
+        ignore_index: the target value of voxels without a target; finite by type, so it needs no exception here.
+
+    Raises:
+        ConfigurationError: NaN or Inf, or a float64 value beyond float32's range (it would become Inf).
+    """
+    if not np.issubdtype(block.dtype, np.floating):
+        return  # integer targets are finite, and every integer type fits float32's range
+    with np.errstate(over="ignore"):  # float64 beyond float32's range turns Inf here, as it would in the network
+        finite = np.isfinite(block.astype(np.float32)) if block.dtype.itemsize > 4 else np.isfinite(block)
+    if finite.all():
+        return
+    bad = np.argwhere(~finite)
+    first = [int(i) for i in bad[0]]
+    value = block[tuple(first)]
+    axis = 1 if block.ndim == 4 else 0
+    first[axis] += zs.start
+    names = "(c, z, y, x)" if block.ndim == 4 else "(z, y, x)"
+    more = f" (and {len(bad) - 1} more non-finite value(s) in z rows {zs.start}-{zs.stop - 1})" if len(bad) > 1 else ""
+    shown = f"{float(value):g}" if np.isfinite(value) else str(float(value))
+    what = shown if np.isfinite(value) else shown.replace("nan", "NaN").replace("inf", "Inf")
+    beyond = ", beyond the float32 range the network computes in," if np.isfinite(value) else ""
+    raise ConfigurationError(
+        f"{volume.describe(volume.label_internal_path, 'label')} holds {what}{beyond} at {names} = {tuple(first)}"
+        f"{more}; regression targets must be finite: fill those voxels, or set them to a value named by "
+        "model.ignore_index (e.g. -1) to leave them out of the loss"
+    )
 
 
 def _check_weight_block(volume: Volume, block: np.ndarray, zs: slice) -> None:

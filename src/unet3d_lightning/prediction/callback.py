@@ -70,9 +70,12 @@ class PredictionWriter(Callback):
         halo: voxels discarded at each interior face of every patch before blending (one int, or one per axis
             ``[z, y, x]``); faces on the volume border are kept. Needs ``stride <= patch - 2 * halo``. Default 0.
         save_segmentation: also write a ``segmentation`` dataset (argmax for softmax models, probability > 0.5 per
-            channel for sigmoid models). Default False.
+            channel for sigmoid models); refused for regression models (``model.loss`` ``mse``, ``l1``,
+            ``smooth_l1``), whose ``predictions`` are the network's raw float outputs. Default False.
         dtype: storage type of ``predictions``: ``"float32"``, ``"float16"`` or ``"uint8"`` (probability × 255,
-            rounded; the dataset's ``scale`` attribute says 255). Default ``"float32"``.
+            rounded; the dataset's ``scale`` attribute says 255; refused for regression models, whose values it would
+            clip to [0, 1]; ``float16`` keeps them, to about 3 significant digits and within ±65504).
+            Default ``"float32"``.
         compression: HDF5 compression of the outputs: ``"gzip"`` (level 1), ``"lzf"`` (faster, larger) or
             ``"none"``; for Zarr outputs ``"gzip"`` stands for Blosc-zstd (level 3) and ``"lzf"`` is refused.
             Default ``"gzip"``.
@@ -175,6 +178,7 @@ class PredictionWriter(Callback):
         volumes = [Path(plan.volume.path) for plan in plans]
         check_collisions(Path(self.output_dir).expanduser(), volumes, format=self.format)
         check_outputs(self.output_dir, volumes, self.format)
+        self._check_task(pl_module)
         self._check_halo(plans, int(pl_module.hparams.out_channels))
         self._check_memory(plans, pl_module, int(getattr(loader, "batch_size", None) or 1))
         self._targets = self._check_instances(plans, pl_module) if self.instances else None
@@ -256,6 +260,28 @@ class PredictionWriter(Callback):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+    def _check_task(self, pl_module: pl.LightningModule) -> None:
+        """A regression model's ``predictions`` are its raw outputs (float, any range): nothing to segment, and no
+        quantisation to 0..255, which would clip and round them."""
+        if getattr(pl_module, "task", "segmentation") != "regression":
+            return
+        loss = pl_module.hparams.get("loss")
+        if self.save_segmentation:
+            raise ConfigurationError(
+                f"prediction.save_segmentation: this is a regression model (loss {loss}), whose predictions are float "
+                "values, not class probabilities; drop prediction.save_segmentation"
+            )
+        if self.instances:
+            raise ConfigurationError(
+                f"prediction.instances: this is a regression model (loss {loss}), not one trained on boundaries or "
+                "affinities; drop prediction.instances"
+            )
+        if self.dtype == "uint8":
+            raise ConfigurationError(
+                f"prediction.dtype uint8 stores probabilities x 255, which would clip and round the outputs of this "
+                f"regression model (loss {loss}); use prediction.dtype float32 (or float16)"
+            )
 
     def _check_halo(self, plans: Sequence[Any], channels: int) -> None:
         """Build (without allocating) each volume's stitcher now, so that a halo the grid cannot take fails before
