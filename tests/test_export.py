@@ -37,6 +37,12 @@ CASES = [
     ("residual_se_unet", 2, "native", {}),
     ("unet", 3, "pytorch3dunet", {"upsample": "interpolate", "layer_order": "gcr"}),
     ("residual_unet", 3, "native", {"in_channels": 2, "out_channels": 3, "loss": "bce"}),
+    # anisotropic: no pooling along z at the first level, 1x3x3 kernels there (divisor 2, 4, 4)
+    ("unet", 3, "native", {"num_levels": 3, "pool_kernel_size": [[1, 2, 2], [2, 2, 2]],
+                           "conv_kernel_size": [[1, 3, 3], [3, 3, 3], [3, 3, 3]]}),
+    ("residual_se_unet", 2, "native", {"num_levels": 3, "pool_kernel_size": [[2, 2], [1, 2]]}),
+    # regression: no final activation, the raw output
+    ("residual_unet", 3, "native", {"loss": "mse", "out_channels": 1}),
 ]
 
 
@@ -86,6 +92,16 @@ def test_torchscript_and_onnx_equal_the_module(tmp_path, architecture, spatial_d
             torch.testing.assert_close(scripted(x), expected, atol=1e-4, rtol=0)
         (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=0)
+
+
+def test_divisor_and_final_activation_follow_the_model():
+    anisotropic = tiny_module("unet", 3, "native", {"num_levels": 3, "pool_kernel_size": [[1, 2, 2], [2, 2, 2]]})
+    assert spatial_divisor(anisotropic) == (2, 4, 4)
+    assert spatial_divisor(tiny_module("unet", 2, "native", {"num_levels": 3})) == (1, 4, 4)
+    regression = tiny_module("unet", 3, "native", {"loss": "mse", "out_channels": 1})
+    x = torch.randn(1, 1, 4, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(packaged_network(regression)(x), regression.net(x))  # no activation at all
 
 
 def test_graphs_hold_only_standard_operators(tmp_path):
