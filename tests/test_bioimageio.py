@@ -23,6 +23,8 @@ from conftest import error_line, write_h5
 
 from unet3d_lightning.cli import main
 
+# TorchScript is deprecated in favour of torch.export, but it is what the files are for (torch-only runtimes).
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 bioimageio_core = pytest.importorskip("bioimageio.core")  # test extra
 bm = pytest.importorskip("bioimageio.spec.model.v0_5")
 from bioimageio.spec import save_bioimageio_package  # noqa: E402
@@ -168,6 +170,12 @@ def starts(size, patch, stride):
 def test_plantseg_package_predicts_as_their_network_on_every_patch(tmp_path):
     net, kwargs = their_network()
     package = plantseg_package(tmp_path, net, kwargs)
+    from unet3d_lightning.checkpoints import classify, load_file
+
+    read = load_file(package)
+    assert classify(read) == "bioimageio"
+    assert read["hyper_parameters"]["variant"] == "pytorch3dunet" and read["hyper_parameters"]["loss"] == "bce"
+    assert read["datamodule_hyper_parameters"] == {"normalization": "standardize"}
     volume = np.random.default_rng(3).normal(200, 30, (10, 20, 18)).astype(np.float32)
     write_h5(tmp_path / "vol.h5", raw=volume)
     patch, stride = [8, 12, 12], [2, 8, 6]

@@ -25,6 +25,8 @@ from unet3d_lightning.export import (
 )
 from unet3d_lightning.module import UNet3DModule
 
+# TorchScript is deprecated in favour of torch.export, but it is what the files are for (torch-only runtimes).
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 onnxruntime = pytest.importorskip("onnxruntime")  # the dev extra installs it (the oracle of the ONNX files)
 
 CASES = [
