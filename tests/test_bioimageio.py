@@ -237,3 +237,43 @@ def test_missing_export_extra_is_one_error_line(tmp_path, capsys, monkeypatch, o
                                "--unit", "furlong"])
     assert "unit 'furlong'" in line and "micrometer" in line
     assert not (tmp_path / "m.zip").exists()
+
+
+def test_plantseg_package_of_format_0_4_predicts_as_their_network(tmp_path):
+    """The zoo's PlantSeg models are mostly written in format 0.4 (architecture as a dotted import path, axes as a
+    string); bioimageio.spec reads them as 0.5."""
+    net, kwargs = their_network(seed=2)
+    work = tmp_path / "p04"
+    work.mkdir()
+    torch.save(net.state_dict(), work / "weights.pt")
+    raw = np.random.default_rng(1).normal(50, 10, (1, 1, 8, 16, 16)).astype(np.float32)
+    np.save(work / "in.npy", raw)
+    with torch.no_grad():
+        np.save(work / "out.npy", net(torch.from_numpy((raw - raw.mean()) / (raw.std() + 1e-6))).numpy())
+    (work / "README.md").write_text("PlantSeg-style model, format 0.4\n")
+    rdf = {
+        "format_version": "0.4.10", "type": "model", "name": "plantseg-0.4", "description": "UNet3D",
+        "authors": [{"name": "test"}], "cite": [{"text": "Wolny et al. 2020", "doi": "10.7554/eLife.57613"}],
+        "license": "MIT", "documentation": "README.md", "timestamp": "2022-01-01T00:00:00",
+        "test_inputs": ["in.npy"], "test_outputs": ["out.npy"],
+        "inputs": [{"name": "raw", "axes": "bczyx", "data_type": "float32",
+                    "shape": {"min": [1, 1, 8, 8, 8], "step": [0, 0, 8, 8, 8]},
+                    "preprocessing": [{"name": "zero_mean_unit_variance",
+                                       "kwargs": {"mode": "per_sample", "axes": "zyx"}}]}],
+        "outputs": [{"name": "boundaries", "axes": "bczyx", "data_type": "float32",
+                     "shape": {"reference_tensor": "raw", "scale": [1, 1, 1, 1, 1], "offset": [0, 0, 0, 0, 0]}}],
+        "weights": {"pytorch_state_dict": {"source": "weights.pt", "kwargs": kwargs,
+                                           "architecture": "pytorch3dunet.unet3d.model.UNet3D"}},
+    }
+    (work / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    with zipfile.ZipFile(tmp_path / "p04.zip", "w") as archive:
+        for path in work.iterdir():
+            archive.write(path, path.name)
+    volume = np.random.default_rng(3).normal(200, 30, (8, 16, 16)).astype(np.float32)
+    write_h5(tmp_path / "vol.h5", raw=volume)
+    predicted = predict(tmp_path / "p04.zip", tmp_path / "vol.h5", tmp_path / "pred")
+    x = volume.astype(np.float64)
+    x = ((x - x.mean()) / x.std()).astype(np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)[None, None])[0].numpy()
+    np.testing.assert_allclose(predicted, expected, atol=1e-5, rtol=0)

@@ -33,6 +33,7 @@ import getpass
 import io
 import tempfile
 import typing
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -321,7 +322,10 @@ def read_package(path: str | Path) -> dict[str, Any]:
 
     source = f"ckpt_path {path}"
     try:
-        description = load_model_description(Path(path), format_version="latest", perform_io_checks=False)
+        with warnings.catch_warnings():
+            # Converting format 0.4 guesses output sizes it does not need here (unet3d's output has the input's).
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"bioimageio\.spec")
+            description = load_model_description(Path(path), format_version="latest", perform_io_checks=False)
     except Exception as err:  # noqa: BLE001 - whatever bioimageio.spec raises on a broken archive
         raise ConfigurationError(f"{source}: not a readable bioimage.io model package ({err})") from None
     if isinstance(description, InvalidDescr) or not isinstance(description, bm.ModelDescr):
