@@ -7,7 +7,7 @@ memory-mapped, so that weights are paged in as they are copied into the network,
 prediction never uses is not read at all), and later reads of the same, unchanged file get the same object.
 
 :func:`classify` names what a loaded file holds (a ``"lightning"`` checkpoint, ours or another module's, a
-``"pytorch-3dunet"`` one, a bare ``"state_dict"``, or ``"other"``); :func:`read_checkpoint` turns everything but a unet3d checkpoint into a one-line
+``"pytorch-3dunet"`` one, a bare ``"state_dict"``, a ``"bioimageio"`` package, or ``"other"``); :func:`read_checkpoint` turns everything but a unet3d checkpoint into a one-line
 :class:`~unet3d_lightning.errors.ConfigurationError` that says what the file is and what to do.
 
 Example::
@@ -104,6 +104,13 @@ def forget() -> None:
 
 
 def _load(path: Path) -> Any:
+    from .bioimage import is_package
+
+    if is_package(path):
+        # A bioimage.io model package (zip or rdf.yaml): read offline and turned into a checkpoint of ours.
+        from .bioimage import read_package
+
+        return read_package(path)
     _check_complete(path)
     try:
         try:
@@ -138,10 +145,13 @@ def _check_complete(path: Path) -> None:
 def classify(content: Any) -> str:
     """What a loaded file holds: ``"lightning"`` (a Lightning checkpoint with weights and hyperparameters: one of
     ours, or of another LightningModule, see :func:`foreign_settings`), ``"pytorch-3dunet"`` (its trainer's
-    checkpoint, with ``model_state_dict``), ``"state_dict"`` (bare weights, ``torch.save(model.state_dict())``) or
-    ``"other"``."""
+    checkpoint, with ``model_state_dict``), ``"state_dict"`` (bare weights, ``torch.save(model.state_dict())``),
+    ``"bioimageio"`` (a bioimage.io model package, read by :func:`unet3d_lightning.bioimage.read_package` as a
+    checkpoint of ours) or ``"other"``."""
     if not isinstance(content, dict):
         return "other"
+    if "bioimageio_package" in content and "state_dict" in content and "hyper_parameters" in content:
+        return "bioimageio"
     if "model_state_dict" in content:
         return "pytorch-3dunet"
     if content and all(isinstance(v, torch.Tensor) for v in content.values()):

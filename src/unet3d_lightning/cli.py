@@ -279,6 +279,8 @@ class UNet3DCLI(LightningCLI):
                 subcommands.add_subcommand("plan", ArgumentParser(description=description), help=description)
                 description = "Whole-volume metrics of predictions against labels (unet3d evaluate --help)."
                 subcommands.add_subcommand("evaluate", ArgumentParser(description=description), help=description)
+                description = "Export a trained model as TorchScript, ONNX or a bioimage.io package."
+                subcommands.add_subcommand("export", ArgumentParser(description=description), help=description)
 
     def before_instantiate_classes(self) -> None:
         """Fail fast, before any model, data or checkpoint is loaded, on mistakes visible in the config."""
@@ -294,6 +296,14 @@ class UNet3DCLI(LightningCLI):
         if sub == "fit":
             self._adapt_to_no_validation(config)
         self._resolve_modes(config)
+        if sub == "fit" and ckpt_path:
+            from .bioimage import is_package
+
+            if is_package(ckpt_path):
+                raise ConfigurationError(
+                    f"ckpt_path {ckpt_path}: a bioimage.io package holds weights, not a run to resume; predict with it "
+                    "(unet3d predict --ckpt_path), or start a new fit without --ckpt_path"
+                )
         if sub == "fit":
             check_root_dir(config.trainer.get("default_root_dir") or ".")
             if not ckpt_path and config.trainer.get("logger") is False:
@@ -586,6 +596,11 @@ def main(args: list[str] | None = None) -> None:
             from .evaluate import main as evaluate_main
 
             return evaluate_main(argv[1:])
+        if argv and argv[0] == "export":
+            # Not a Lightning run either: TorchScript, ONNX, bioimage.io (see export.py).
+            from .export import main as export_main
+
+            return export_main(argv[1:])
         return _run(args)
     finally:
         checkpoints.forget()  # the next run in this process reads its checkpoints afresh
