@@ -157,3 +157,22 @@ def test_anisotropic_pooling_targets_follow_each_level():
     handle.remove()
     assert torch.isfinite(loss)
     assert tuple(outputs[0].shape[2:]) == (4, 8, 8)  # the level below full resolution: y and x halved, z not
+
+
+def test_regression_targets_are_taken_at_the_nearest_voxel_not_max_pooled():
+    torch.manual_seed(2)
+    module = UNet3DModule(in_channels=1, out_channels=1, f_maps=4, num_levels=3, num_groups=2, loss="mse",
+                          deep_supervision=True)
+    module.use_memory_format("cpu")
+    raw = torch.randn(2, 1, 8, 16, 16)
+    target = torch.randn(2, 1, 8, 16, 16)  # float values: a max-pool would bias every coarse target upwards
+    outputs = {}
+    handles = [d.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+               for i, d in enumerate(module.net.decoders)]
+    prediction = module(raw)
+    for h in handles:
+        h.remove()
+    expected = 2 / 3 * F.mse_loss(prediction, target)
+    aux = module.deep_supervision.heads[0](outputs[0])
+    expected = expected + 1 / 3 * F.mse_loss(aux, F.interpolate(target, size=aux.shape[2:], mode="nearest"))
+    torch.testing.assert_close(module._training_loss({"raw": raw, "label": target}), expected, rtol=1e-5, atol=1e-6)

@@ -483,7 +483,9 @@ class UNet3DModule(pl.LightningModule):
             if self.spatial_dims == 2:  # the slices of a 2D network come back as one batch of B * D images
                 logits = logits.reshape(batch_size, depth, *logits.shape[1:]).transpose(1, 2)
             size = tuple(logits.shape[2:])
-            target = downsample_target(batch["label"], size, not self.multiclass, ignore)
+            # Masks are max-pooled; class ids and regression targets (float values, not masks) take the nearest voxel.
+            binary = not self.multiclass and self.task != "regression"
+            target = downsample_target(batch["label"], size, binary, ignore)
             voxel_weight = batch.get("weight")
             if voxel_weight is not None:
                 voxel_weight = downsample_target(voxel_weight, size, False)

@@ -33,6 +33,7 @@ What it does, in order:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -264,6 +265,32 @@ def _one_step(settings: dict[str, Any], patch: Sequence[int], batch: int, precis
     return seconds
 
 
+def _fresh_memory_baseline() -> int | None:
+    """In a forked child: give the free heap memory inherited from the parent back to the system and restart the
+    peak resident-set count, so that the step's allocations are page-faulted in and counted (a parent that had freed
+    memory would otherwise lend the child resident pages, and its high-water mark would be the child's). Returns the
+    resident set in bytes, or None where ``/proc`` cannot reset the peak (then ``ru_maxrss`` is used)."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)  # glibc: every arena, since 2.8
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM to the current VmRSS (Linux 4.0+)
+            f.write("5")
+        return _proc_status("VmRSS")
+    except OSError:
+        return None
+
+
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
 def _measure_in_child(conn: Any, args: tuple) -> None:
     import resource
 
@@ -272,9 +299,13 @@ def _measure_in_child(conn: Any, args: tuple) -> None:
 
     torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool; memory barely depends on it
     try:
-        start = psutil.Process().memory_info().rss
+        baseline = _fresh_memory_baseline()
+        start = baseline if baseline is not None else psutil.Process().memory_info().rss
         _one_step(*args)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        if baseline is not None:
+            peak = _proc_status("VmHWM")
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         conn.send(("ok", max(0, peak - start)))
     except BaseException as err:  # noqa: BLE001 - reported to the parent
         conn.send(("error", f"{type(err).__name__}: {err}"))
