@@ -277,3 +277,17 @@ def test_plantseg_package_of_format_0_4_predicts_as_their_network(tmp_path):
     with torch.no_grad():
         expected = net(torch.from_numpy(x)[None, None])[0].numpy()
     np.testing.assert_allclose(predicted, expected, atol=1e-5, rtol=0)
+
+
+def test_package_states_the_voxel_size_the_checkpoint_records(one_step_fit, tmp_path):
+    _, ckpt = one_step_fit
+    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint["voxel_size"] = {"zyx": [4.0, 1.0, 0.5], "unit": "nanometer"}  # what fit records from the data
+    recorded = tmp_path / "recorded.ckpt"
+    torch.save(checkpoint, recorded)
+    package = tmp_path / "model.zip"
+    main(["export", "--ckpt_path", str(recorded), "--output", str(package)])
+    with zipfile.ZipFile(package) as archive:
+        (raw,) = yaml.safe_load(archive.read("rdf.yaml"))["inputs"]
+    assert [(a["scale"], a["unit"]) for a in raw["axes"][2:]] == [(4, "nanometer"), (1, "nanometer"),
+                                                                   (0.5, "nanometer")]

@@ -212,6 +212,11 @@ def export_package(
     data_hparams = {k: data_hparams[k] for k in ("normalization", "percentiles") if k in data_hparams}
     divisor = spatial_divisor(module)
     in_names, out_names = channel_names(module)
+    recorded = checkpoint.get("voxel_size") if isinstance(checkpoint.get("voxel_size"), dict) else None
+    if voxel_size is None and recorded and recorded.get("zyx"):
+        # the voxel size of the training data, which fit records in the checkpoint; --voxel_size/--unit override
+        voxel_size = [float(v) for v in recorded["zyx"]]
+        unit = unit if unit is not None else recorded.get("unit")
     if voxel_size is not None and (len(voxel_size) != 3 or min(voxel_size) <= 0):
         raise ConfigurationError(f"voxel_size {voxel_size}: give three positive numbers z y x")
     scales = [float(v) for v in voxel_size] if voxel_size is not None else [1.0] * 3
