@@ -205,6 +205,9 @@ def subprocess_run(args, env=None, expect=0):
 
 
 def read(path, key="predictions"):
+    if path.name.endswith(".ome.zarr"):  # level 0 of the image or of a label image
+        group = zarr.open_group(str(path), mode="r")
+        return (group["0"] if key == "predictions" else group["labels"][key]["0"])[...]
     if path.suffix == ".zarr":
         return zarr.open_group(str(path), mode="r")[key][...]
     with h5py.File(path) as f:
@@ -241,6 +244,27 @@ def test_two_ranks_write_their_own_rows_into_one_zarr_store_equal_to_one_device(
 
 
 @pytest.mark.slow
+def test_two_ranks_write_their_own_rows_of_one_ome_zarr_image(setting, capsys):
+    """OME-Zarr: each rank writes its own chunk rows of level 0; rank 0 adds the smaller levels and the metadata
+    once all rows are written, so the image equals the single-device one, pyramid included."""
+    root, checkpoint = setting
+    extra = ["--prediction.save_segmentation", "true"]
+    in_process(predict_args(root, checkpoint, ["a.h5"], root / "one_ome", "ome-zarr", *extra), capsys)
+    result = subprocess_run(predict_args(root, checkpoint, ["a.h5"], root / "two_ome", "ome-zarr", *extra, *DDP2))
+    reports = {int(r): (int(p), int(v)) for r, p, v in REPORT.findall(result.stdout)}
+    assert reports == {0: (4, 2 * 16 * 400), 1: (6, 2 * 24 * 400)}, result.stdout  # rows shared, not all-reduced
+    one, two = root / "one_ome" / "a_predictions.ome.zarr", root / "two_ome" / "a_predictions.ome.zarr"
+    np.testing.assert_allclose(read(two), read(one), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(read(two, "segmentation"), read(one, "segmentation"))
+    single, double = zarr.open_group(str(one), mode="r"), zarr.open_group(str(two), mode="r")
+    assert dict(double.attrs) == dict(single.attrs)  # the same multiscales metadata
+    levels = [d["path"] for d in single.attrs["multiscales"][0]["datasets"]]
+    for level in levels:
+        np.testing.assert_allclose(double[level][...], single[level][...], atol=1e-5, rtol=0)
+    assert os.listdir(root / "two_ome") == ["a_predictions.ome.zarr"]
+
+
+@pytest.mark.slow
 def test_hdf5_two_ranks_equal_one_device_and_a_rank_that_owns_nothing_exits_cleanly(setting, capsys):
     """b is one chunk row: rank 1 owns it and writes a part file; rank 0 owns nothing (it predicts one flagged
     duplicate), and joins rank 1's part into the output it renames."""
@@ -257,35 +281,44 @@ def test_hdf5_two_ranks_equal_one_device_and_a_rank_that_owns_nothing_exits_clea
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_completes_equal_to_an_uninterrupted_run_with_fewer_patches(setting, capsys):
+@pytest.mark.parametrize("fmt", ["zarr", "ome-zarr"])
+def test_resume_after_sigkill_completes_equal_to_an_uninterrupted_run_with_fewer_patches(setting, capsys, fmt):
     root, checkpoint = setting
+    suffix = ".zarr" if fmt == "zarr" else ".ome.zarr"
     extra = ["--prediction.save_segmentation", "true", "--data.predict_stride_shape", "[8, 20, 20]"]
-    full = in_process(predict_args(root, checkpoint, ["deep.h5"], root / "whole", "zarr", *extra), capsys)
-    out = root / "killed"
+    full = in_process(predict_args(root, checkpoint, ["deep.h5"], root / f"whole{fmt}", fmt, *extra), capsys)
+    out = root / f"killed{fmt}"
     env = subprocess_env()
     env["PYTHONPATH"] = str(HOOKS) + os.pathsep + env["PYTHONPATH"]
     env["UNET3D_TEST_KILL_AFTER_ROWS"] = "2"  # after rows 0-32 of 64 are final
     resume = ["--prediction.resume", "true"]
-    subprocess_run(predict_args(root, checkpoint, ["deep.h5"], out, "zarr", *extra, *resume), env=env,
+    subprocess_run(predict_args(root, checkpoint, ["deep.h5"], out, fmt, *extra, *resume), env=env,
                    expect=-signal.SIGKILL)
-    assert sorted(os.listdir(out)) == [".deep_predictions.zarr.partial", ".deep_predictions.zarr.partial-progress"]
+    partial = f".deep_predictions{suffix}.partial"
+    assert sorted(os.listdir(out)) == [partial, f"{partial}-progress"]
     # a resume with another grid or another checkpoint is refused, and leaves the interrupted output alone
     from conftest import error_line
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", ["unet3d"])
-        grid = error_line(capsys, predict_args(root, checkpoint, ["deep.h5"], out, "zarr",
+        grid = error_line(capsys, predict_args(root, checkpoint, ["deep.h5"], out, fmt,
                                                "--prediction.save_segmentation", "true", *resume))
-        weights = error_line(capsys, predict_args(root, root / "ckpt" / "other.ckpt", ["deep.h5"], out, "zarr",
+        weights = error_line(capsys, predict_args(root, root / "ckpt" / "other.ckpt", ["deep.h5"], out, fmt,
                                                   *extra, *resume))
     assert "different patch grid" in grid and "[0, 8, 16, 24, 32, 40, 48]" in grid
     assert "different model weights" in weights
     assert len(os.listdir(out)) == 2
-    resumed = in_process(predict_args(root, checkpoint, ["deep.h5"], out, "zarr", *extra, *resume), capsys)
+    resumed = in_process(predict_args(root, checkpoint, ["deep.h5"], out, fmt, *extra, *resume), capsys)
     # z-starts 0, 8, ..., 48: rows 32-64 need the 4 patches ending above 32, of 7
     assert "rank 0: 4 patches, 25600 output voxels written" in resumed, resumed
     assert "patches" not in full or "rank 0:" not in full  # a plain single-device run stays as it was
-    assert sorted(os.listdir(out)) == ["deep_predictions.zarr"]
+    assert sorted(os.listdir(out)) == [f"deep_predictions{suffix}"]
     for key in ("predictions", "segmentation"):
-        np.testing.assert_array_equal(read(out / "deep_predictions.zarr", key),
-                                      read(root / "whole" / "deep_predictions.zarr", key))
+        np.testing.assert_array_equal(read(out / f"deep_predictions{suffix}", key),
+                                      read(root / f"whole{fmt}" / f"deep_predictions{suffix}", key))
+    if fmt == "ome-zarr":  # the smaller levels and the metadata, written once the resumed rows are complete
+        resumed_image = zarr.open_group(str(out / f"deep_predictions{suffix}"), mode="r")
+        whole_image = zarr.open_group(str(root / f"whole{fmt}" / f"deep_predictions{suffix}"), mode="r")
+        assert dict(resumed_image.attrs) == dict(whole_image.attrs)
+        for dataset in whole_image.attrs["multiscales"][0]["datasets"]:
+            np.testing.assert_array_equal(resumed_image[dataset["path"]][...], whole_image[dataset["path"]][...])

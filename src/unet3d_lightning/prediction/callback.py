@@ -194,8 +194,8 @@ class PredictionWriter(Callback):
         self.resume = bool(resume)
         if self.resume and not getattr(STORES[format], "shared_writes", False):
             raise ConfigurationError(
-                f"prediction.resume needs prediction.format zarr (an HDF5 output has one writer and no record of its "
-                f"finished rows); got prediction.format {format}"
+                f"prediction.resume needs prediction.format zarr or ome-zarr (an HDF5, TIFF or NIfTI output has one "
+                f"writer and no record of its finished rows); got prediction.format {format}"
             )
         self._assignment: RowAssignment | None = None
         if isinstance(ensemble, str):

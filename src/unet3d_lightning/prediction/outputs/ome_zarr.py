@@ -125,14 +125,20 @@ class OmeZarrStore:
         voxel_size: level 0's ``(z, y, x)`` spacing, or None when unknown (then 1.0 per axis and no unit).
             Default None.
         unit: the spacing's unit (``"um"``, ``"micrometer"``, ...), or None. Default None.
+        attach: open the store another process created at ``path`` (every DDP rank writes its own chunk rows of
+            level 0 into the one store, or a resumed run continues it): ``create_dataset`` returns the existing
+            level-0 arrays, checked against what is asked for. The smaller levels and the metadata are written by
+            the process that completes the output (rank 0), in :meth:`close`; the others only :meth:`release`.
+            Default False.
     """
 
     encode = None
     physical = True  # takes voxel_size and unit
+    shared_writes = True  # several processes may write disjoint chunk rows of level 0
     replace = staticmethod(replace_directory)
 
     def __init__(self, path: Path, compression: str | None, voxel_size: Sequence[float] | None = None,
-                 unit: str | None = None) -> None:
+                 unit: str | None = None, attach: bool = False) -> None:
         import numcodecs
         import zarr
 
@@ -141,8 +147,9 @@ class OmeZarrStore:
         self.compression = compression
         self.voxel_size = tuple(float(s) for s in voxel_size) if voxel_size is not None else (1.0, 1.0, 1.0)
         self.unit = ngff_unit(unit) if voxel_size is not None else None
-        self.group = zarr.open_group(str(path), mode="w-", zarr_format=2)
-        self._labels: Any = None
+        self.attached = attach
+        self.group = zarr.open_group(str(path), mode="r+" if attach else "w-", zarr_format=2)
+        self._labels: Any = self.group["labels"] if attach and "labels" in self.group else None
         self._arrays: dict[str, Any] = {}
 
     @staticmethod
@@ -154,10 +161,18 @@ class OmeZarrStore:
             cname="zstd", clevel=ZARR_CLEVEL, shuffle=self._numcodecs.Blosc.SHUFFLE
         )
         # NGFF 0.4 asks for "/" between the chunk indices of a key (0/1/2, not 0.1.2).
+        # overwrite: a smaller level that a killed run had begun is written afresh when the output is resumed
         return group.create_array(path, shape=shape, dtype=dtype, chunks=chunks, compressors=compressor,
-                                  fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"})
+                                  fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"}, overwrite=True)
 
     def create_dataset(self, name: str, *, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...]) -> Any:
+        if self.attached:
+            array = self.group["0"] if name == "predictions" else self.group["labels"][name]["0"]
+            if tuple(array.shape) != tuple(shape) or str(array.dtype) != str(dtype) or tuple(array.chunks) != chunks:
+                raise RuntimeError(f"{name} of {self.path} is {array.shape} {array.dtype} in chunks {array.chunks}, "
+                                   f"not {shape} {dtype} in {chunks}")
+            self._arrays[name] = array
+            return array
         if name == "predictions":
             array = self._create(self.group, "0", shape, dtype, chunks)
         else:
@@ -170,6 +185,9 @@ class OmeZarrStore:
     @staticmethod
     def write_encoded(dataset: Any, offset: tuple[int, ...], data: bytes) -> None:
         raise NotImplementedError("Zarr stores compress their chunks themselves")
+
+    def release(self) -> None:
+        """A DDP rank's rows are written: nothing is held open, and the pyramid is the completing process's."""
 
     def close(self) -> None:
         """Write the smaller levels of every array and the NGFF metadata: called when every dataset is complete."""

@@ -172,7 +172,8 @@ class VolumeOutput:
         if self.segmentation is not None:
             self.segmentation.close()
         if close:
-            self.file.close()
+            # A store whose completion writes more (OME-Zarr's smaller levels) leaves that to rank 0's complete().
+            (getattr(self.file, "release", None) or self.file.close)()
 
     def complete(self, parts: Sequence[Path] = ()) -> None:
         """Rank 0, once every rank has finished its rows: take the chunks of the other ranks' ``parts`` (HDF5 part
