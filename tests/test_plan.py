@@ -140,3 +140,33 @@ def test_plan_errors_are_one_line(tmp_path, monkeypatch, capsys):
                                    "nothing", "--output", str(tmp_path / "p.yaml")])
     assert "nothing" in line
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_a_short_time_budget_shrinks_the_patch_until_it_holds_enough_steps(tmp_path, monkeypatch, capsys):
+    """Step time modelled as proportional to the patch's voxels (as it is, roughly): with a budget that leaves the
+    full-volume patch too few steps, the plan shrinks the patch until the schedule holds MIN_STEPS."""
+    from unet3d_lightning import plan
+    from unet3d_lightning.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["unet3d"])
+    per_voxel = 2e-5  # seconds per patch voxel and step: the 24 x 40 x 40 volume as one patch is 0.77 s a step
+    timed = []
+
+    def step_time(settings, patch, batch, precision, device, multiclass, steps=1):
+        timed.append(list(patch))
+        return math.prod(patch) * per_voxel
+
+    monkeypatch.setattr(plan, "_one_step", step_time)
+    monkeypatch.setattr(plan, "measure_peak", lambda *args, **kwargs: 1)  # memory is not what this test limits
+    paths = _volumes(tmp_path)
+    output = tmp_path / "plan.yaml"
+    main(["plan", "--data.train_paths", f"[{paths[0]}]", "--trainer.max_time", "00:00:02:00",
+          "--trainer.accelerator", "cpu", "--output", str(output)])
+    config = yaml.safe_load(output.read_text())
+    patch = config["data"]["train_patch_shape"]
+    assert timed[0] == [24, 40, 40] and len(timed) > 1  # measured at the volume's size first, then smaller
+    steps = 120 * 0.85 / (math.prod(patch) * per_voxel)
+    assert steps >= plan.MIN_STEPS and config["trainer"]["max_steps"] == int(steps)
+    assert math.prod(patch) < 24 * 40 * 40
+    assert all(p % d == 0 for p, d in zip(patch, divisor(config["model"]["pool_kernel_size"])))
+    assert "so that the time budget holds at least 1000 steps" in capsys.readouterr().out

@@ -54,6 +54,10 @@ MAX_WIDTH = 320
 CPU_MAX_PATCH_VOXELS = 64**3
 MAX_STEPS = 250_000  # nnU-Net: 1000 epochs of 250 iterations
 STEPS_PER_EPOCH = 250
+# The fewest optimizer steps a plan leaves the budget: below it the patch (and with it the network's depth) shrinks,
+# since a network trained for a few dozen steps learns little however well it fits the memory.
+MIN_STEPS = 1000
+MIN_PATCH_AXIS = 8  # the step-budget shrinking stops at this length along every axis it shrinks
 _SLAB = 16
 
 
@@ -582,6 +586,28 @@ def make_plan(data: Any, given_data: dict[str, Any], accelerator: str = "auto", 
     settings = model_settings(fp, out_channels, loss, choice.pools, choice.convs, base, ignore)
     # Step time at the chosen size, in this process (its own threads), for the schedule.
     step_seconds = _one_step(settings, choice.patch, choice.batch, precision, kind, multiclass, steps=2)
+    # A budget that leaves fewer than MIN_STEPS steps: a smaller patch (step time follows the voxels), whose
+    # topology then has fewer levels; memory only goes down, so the measured fit still holds.
+    for _ in range(4):
+        steps = budget_seconds * 0.85 / max(step_seconds, 1e-3)
+        if steps >= MIN_STEPS:
+            break
+        floor = [min(MIN_PATCH_AXIS, p) for p in choice.patch]
+        target = max(math.prod(choice.patch) * steps / MIN_STEPS, math.prod(floor))
+        patch = _shrink(choice.patch, spacing, target, floor)
+        pools, convs = topology(patch, spacing)
+        patch = _round_to(patch, divisor(pools), choice.patch)
+        if patch == choice.patch:
+            break
+        previous = list(choice.patch)
+        choice = dataclasses.replace(
+            choice, patch=patch, pools=pools, convs=convs,
+            reason=f"{choice.reason}; shrunk from {previous} so that the time budget holds at least {MIN_STEPS} "
+                   f"steps ({steps:.0f} at {step_seconds:.2f} s per step)",
+        )
+        levels = len(choice.convs)
+        settings = model_settings(fp, out_channels, loss, choice.pools, choice.convs, base, ignore)
+        step_seconds = _one_step(settings, choice.patch, choice.batch, precision, kind, multiclass, steps=2)
     max_steps = int(min(MAX_STEPS, max(50, budget_seconds * 0.85 / max(step_seconds, 1e-3))))
     steps_per_epoch = min(STEPS_PER_EPOCH, max(5, max_steps // 10))
     patches_per_epoch = steps_per_epoch * choice.batch * count
