@@ -576,3 +576,28 @@ def test_reader_workers_drop_only_the_lost_receiver_of_a_stopped_main_process(ca
         assert [type(a.exc_value) for a in seen] == [BrokenPipeError, ValueError]
     finally:
         loader._default_thread_excepthook = default
+
+
+def test_reader_workers_drop_the_reset_that_resource_sharer_reports_through_sys_excepthook():
+    """resource_sharer's server loop catches a connection reset while it greets a stopped main process and reports
+    it with sys.excepthook (not threading.excepthook): that report is dropped too, and nothing else."""
+    from unet3d_lightning.data import loader
+
+    def raised(exc: BaseException, filename: str) -> tuple:
+        try:
+            exec(compile("raise exc", filename, "exec"), {"exc": exc})
+        except BaseException as err:  # noqa: BLE001
+            return type(err), err, err.__traceback__
+        raise AssertionError("not raised")
+
+    seen = []
+    default, loader._default_excepthook = loader._default_excepthook, lambda *info: seen.append(info[0])
+    try:
+        loader._quiet_lost_receiver_sys(*raised(ConnectionResetError(104, "reset"),
+                                                "/x/multiprocessing/resource_sharer.py"))
+        assert seen == []
+        loader._quiet_lost_receiver_sys(*raised(ConnectionResetError(104, "reset"), "/x/mine.py"))
+        loader._quiet_lost_receiver_sys(*raised(KeyError("k"), "/x/multiprocessing/resource_sharer.py"))
+        assert seen == [ConnectionResetError, KeyError]
+    finally:
+        loader._default_excepthook = default

@@ -116,6 +116,7 @@ def test_plan_writes_a_config_that_fit_runs_within_the_memory_budget(tmp_path, m
     receive, send = context.Pipe(duplex=False)
     process = context.Process(target=_step_peak, args=(send, network, patch, batch))
     process.start()
+    assert receive.poll(300), f"the measuring process ended with status {process.exitcode}"
     peak = receive.recv()
     process.join()
     assert 0 < peak <= budget_gb * 2**30, peak

@@ -287,6 +287,13 @@ def _fresh_memory_baseline() -> int | None:
         return None
 
 
+def _current_rss() -> int:
+    """The resident set in bytes where ``/proc`` is missing: ``ru_maxrss`` is the best the system offers."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def _proc_status(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -298,13 +305,12 @@ def _proc_status(field: str) -> int:
 def _measure_in_child(conn: Any, args: tuple) -> None:
     import resource
 
-    import psutil
     import torch
 
     torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool; memory barely depends on it
     try:
         baseline = _fresh_memory_baseline()
-        start = baseline if baseline is not None else psutil.Process().memory_info().rss
+        start = baseline if baseline is not None else _current_rss()
         _one_step(*args)
         if baseline is not None:
             peak = _proc_status("VmHWM")
@@ -488,9 +494,13 @@ def _budget(kind: str, memory_gb: float | None) -> tuple[int, str]:
 
         total = torch.cuda.get_device_properties(0).total_memory
         return int(total * 0.9), f"90 % of the GPU's {total / 2**30:.1f} GiB"
-    import psutil
+    import torch
 
-    free = psutil.virtual_memory().available
+    from .prediction.memory import available_memory
+
+    free = available_memory(torch.device("cpu"))  # MemAvailable, or a container's limit when tighter
+    if free is None:
+        raise ConfigurationError("plan: this system does not say how much memory is free; give --memory_gb")
     return int(free * 0.5), f"half of the {free / 2**30:.1f} GiB of free RAM"
 
 

@@ -4,6 +4,7 @@ many reader workers a machine runs by default (:func:`default_num_workers`)."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import traceback
 from collections.abc import Callable
@@ -15,19 +16,33 @@ from ..signals import ignore_stop_signals_in_worker
 from .sampling import ShardedSampler
 
 
+def _lost_receiver(exc_type: type[BaseException], exc_traceback: Any) -> bool:
+    """Whether an exception is a hand-over of shared memory to a main process that has stopped: a broken
+    connection raised inside ``multiprocessing.resource_sharer``."""
+    return issubclass(exc_type, (BrokenPipeError, ConnectionResetError, EOFError)) and any(
+        frame.filename.endswith("resource_sharer.py") for frame in traceback.extract_tb(exc_traceback)
+    )
+
+
 def _quiet_lost_receiver(args: threading.ExceptHookArgs) -> None:
     """A worker hands its batches' shared memory to the main process from a background thread of
     ``multiprocessing.resource_sharer``; when the main process has stopped (a signal, an error elsewhere) that hand-
     over fails with a broken connection, which is no news to the user: only that case is dropped."""
-    frames = traceback.extract_tb(args.exc_traceback)
-    if issubclass(args.exc_type, (BrokenPipeError, ConnectionResetError, EOFError)) and any(
-        frame.filename.endswith("resource_sharer.py") for frame in frames
-    ):
+    if _lost_receiver(args.exc_type, args.exc_traceback):
         return
     _default_thread_excepthook(args)
 
 
+def _quiet_lost_receiver_sys(exc_type: type[BaseException], exc: BaseException, exc_traceback: Any) -> None:
+    """The same for the errors ``resource_sharer``'s server loop catches itself and reports through
+    ``sys.excepthook`` (a connection reset while it greets the stopped main process)."""
+    if _lost_receiver(exc_type, exc_traceback):
+        return
+    _default_excepthook(exc_type, exc, exc_traceback)
+
+
 _default_thread_excepthook = threading.excepthook
+_default_excepthook = sys.excepthook
 
 
 def _init_worker(worker_id: int) -> None:
@@ -36,6 +51,7 @@ def _init_worker(worker_id: int) -> None:
     they are seeded as Lightning's own worker init (which it adds only to loaders that have none) seeds them."""
     ignore_stop_signals_in_worker(worker_id)
     threading.excepthook = _quiet_lost_receiver
+    sys.excepthook = _quiet_lost_receiver_sys
     if os.environ.get("PL_SEED_WORKERS") == "1":
         from lightning.fabric.utilities.seed import pl_worker_init_function
 
